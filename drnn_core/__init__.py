@@ -1,0 +1,1 @@
+"""drnn_core: the recurrent BPR model, its Numba kernels and samplers, with no I/O."""

@@ -1,0 +1,88 @@
+"""Model hyperparameters: one frozen, keyword-only, validated object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from drnn_core.errors import ConfigError
+
+SAMPLERS = ("uniform", "popularity")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Hyperparameters of the recurrent BPR model.
+
+    Attributes
+    ----------
+    hidden_size : int
+        h, the size of the hidden state and of the item embeddings (default 64).
+    window : int
+        K, the number of recent items kept per user and the depth of truncated
+        backpropagation through time (default 4).
+    learning_rate : float
+        SGD step size (default 0.05).
+    l2 : float
+        lambda, the L2 penalty on every parameter an update touches (default 1e-5).
+    max_grad_norm : float
+        The gradient of one event is rescaled so that its global L2 norm is at
+        most this value (default 5.0).
+    sampler : str
+        Negative sampler: "uniform" over known items, or "popularity" with
+        probability proportional to count**alpha (default "uniform").
+    popularity_alpha : float
+        The exponent of the popularity sampler (default 0.75).
+    init_scale : float
+        Standard deviation of the initial normal weights (default 0.1).
+    initial_items : int
+        Item capacity allocated at start; it doubles when more items arrive
+        (default 1024).
+    seed : int
+        Seed of the weight initialisation and of the negative sampler (default 42).
+    """
+
+    hidden_size: int = 64
+    window: int = 4
+    learning_rate: float = 0.05
+    l2: float = 1e-5
+    max_grad_norm: float = 5.0
+    sampler: str = "uniform"
+    popularity_alpha: float = 0.75
+    init_scale: float = 0.1
+    initial_items: int = 1024
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_int("hidden_size", self.hidden_size, 1, 4096)
+        _check_int("window", self.window, 1, 64)
+        _check_float("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+        _check_float("l2", self.l2, 0.0, math.inf)
+        _check_float("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(
+                f"Invalid sampler={self.sampler!r}: expected one of {', '.join(SAMPLERS)}"
+            )
+        _check_float("popularity_alpha", self.popularity_alpha, 0.0, 2.0)
+        _check_float("init_scale", self.init_scale, 0.0, 10.0, low_open=True)
+        _check_int("initial_items", self.initial_items, 1, 1 << 30)
+        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"Invalid {name}={value!r}: expected an integer from {low} to {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"Invalid {name}={value}: expected an integer from {low} to {high}")
+
+
+def _check_float(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    bracket = "(" if low_open else "["
+    allowed = f"a finite number in {bracket}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Invalid {name}={value!r}: expected {allowed}")
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        raise ConfigError(f"Invalid {name}={value!r}: expected {allowed}")

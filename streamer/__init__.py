@@ -1,0 +1,1 @@
+"""streamer: Kafka, Redis, metrics and the command line around drnn_core."""

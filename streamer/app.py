@@ -1,0 +1,76 @@
+"""Composition root: builds the worker, its clients, stores and metrics from Settings."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from drnn_core.model import RecurrentBPR
+from streamer.checkpoints import CheckpointStore
+from streamer.kafka_io import DeadLetterSender, make_consumer, make_producer
+from streamer.metrics import WorkerMetrics, serve_metrics
+from streamer.settings import Settings
+from streamer.store import RedisStore
+from streamer.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def make_redis_client(settings: Settings) -> redis.Redis:
+    """Create a Redis client from the settings' URL, with timeouts so that an outage is noticed."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+    )
+
+
+def make_store(settings: Settings, client: redis.Redis | None = None) -> RedisStore:
+    """Create the Redis store of user states, offsets and item indexes."""
+    return RedisStore(
+        client or make_redis_client(settings),
+        prefix=settings.key_prefix,
+        hidden_size=settings.hidden_size,
+        window=settings.window,
+    )
+
+
+def load_model(settings: Settings, checkpoints: CheckpointStore) -> RecurrentBPR:
+    """Load the newest checkpoint, or create a new model from the seed."""
+    loaded = checkpoints.load_newest(settings.model_config())
+    if loaded is not None:
+        return loaded[0]
+    logger.info("No checkpoint in %s: starting a new model", checkpoints.directory)
+    return RecurrentBPR(settings.model_config())
+
+
+def build_worker(settings: Settings, registry: CollectorRegistry | None = None) -> Worker:
+    """Wire a Worker: Kafka consumer and dead-letter producer, Redis store, model, metrics.
+
+    The metrics HTTP server starts here when ``settings.metrics_address`` is set.
+    """
+    logger.info("Starting with settings %s", settings.redacted())
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    if settings.metrics_address:
+        serve_metrics(settings.metrics_address, registry)
+
+    store = make_store(settings)
+    checkpoints = CheckpointStore(settings.checkpoint_dir, settings.checkpoints_kept)
+    model = load_model(settings, checkpoints)
+    model.ensure_capacity(store.item_count())
+
+    consumer = make_consumer(settings)
+    producer = make_producer(settings)
+    return Worker(
+        settings=settings,
+        consumer=consumer,
+        dead_letters=DeadLetterSender(producer, settings.dead_letter_topic),
+        store=store,
+        model=model,
+        checkpoints=checkpoints,
+        metrics=metrics,
+    )

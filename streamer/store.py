@@ -1,0 +1,393 @@
+"""Redis storage of user states, applied Kafka offsets and the item index, under one key prefix.
+
+Keys, where ``{prefix}`` contains only letters, digits, ``_``, ``.`` and ``-``
+so that the first ``:`` ends it and two prefixes never share a key:
+
+``{prefix}:user:{user_id}``
+    String: the user's state blob (see ``streamer.state_codec``).
+``{prefix}:item:index``
+    Hash: item id -> dense item index (decimal).
+``{prefix}:item:ids``
+    Hash: dense item index (decimal) -> item id.
+``{prefix}:item:next``
+    String counter: the next item index to allocate, which is also the number
+    of items allocated so far.
+``{prefix}:offsets:{topic}``
+    Hash: partition (decimal) -> offset of the last event applied to the states.
+``{prefix}:users:count``
+    String counter: the number of users whose first event was stored.
+
+User ids, item ids and topic names are stored as UTF-8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import redis
+
+from drnn_core.errors import ConfigError, DrnnError
+from drnn_core.state import UserStateBatch
+from streamer.state_codec import decode_states, encode_states, state_blob_problem, state_size_bytes
+
+__all__ = ["RedisStore", "StoreArgumentError", "StoreError"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
+MAX_ITEM_INDEX = np.iinfo(np.int32).max
+SCAN_CHUNK = 1000
+
+# KEYS: index hash (id -> index), ids hash (index -> id), next-index counter.
+# ARGV: item ids, each distinct. Returns the index of every id, in ARGV order.
+# Redis runs a script atomically, so concurrent callers cannot allocate one id twice.
+_ALLOCATE_ITEMS_LUA = """
+local indexes = {}
+for i, item_id in ipairs(ARGV) do
+    local index = redis.call('HGET', KEYS[1], item_id)
+    if index then
+        indexes[i] = tonumber(index)
+    else
+        local allocated = redis.call('INCR', KEYS[3]) - 1
+        local field = string.format('%d', allocated)
+        redis.call('HSET', KEYS[1], item_id, field)
+        redis.call('HSET', KEYS[2], field, item_id)
+        indexes[i] = allocated
+    end
+end
+return indexes
+"""
+
+
+class StoreError(DrnnError):
+    """A Redis command of the store failed; the original redis-py error is the ``__cause__``."""
+
+
+class StoreArgumentError(DrnnError, ValueError):
+    """A store method got arguments that do not fit together, such as ids and batch rows."""
+
+
+class RedisStore:
+    """User states, applied offsets and the item index of one model in Redis.
+
+    Parameters
+    ----------
+    client : redis.Redis
+        A client created with ``decode_responses=False``. It is used as given and
+        may be shared with other threads.
+    prefix : str
+        Key prefix of this model: letters, digits, ``_``, ``.`` and ``-``.
+    hidden_size, window : int
+        h and K of the stored states. Blobs with another h or K load as corrupt.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str, hidden_size: int, window: int):
+        if not isinstance(prefix, str) or not PREFIX_PATTERN.fullmatch(prefix):
+            raise ConfigError(
+                f"Invalid key prefix {prefix!r}: use one or more letters, digits, '_', '.' or '-', "
+                "so that it cannot overlap another prefix"
+            )
+        state_size_bytes(hidden_size, window)
+
+        self.client = client
+        self.prefix = prefix
+        self.hidden_size = hidden_size
+        self.window = window
+        self._index_key = f"{prefix}:item:index".encode()
+        self._ids_key = f"{prefix}:item:ids".encode()
+        self._next_key = f"{prefix}:item:next".encode()
+        self._user_key_prefix = f"{prefix}:user:".encode()
+        self._users_key = f"{prefix}:users:count".encode()
+        self._allocate_script = client.register_script(_ALLOCATE_ITEMS_LUA)
+        self._index_of_item: dict[str, int] = {}
+        self._item_of_index: dict[int, str] = {}
+
+    def user_key(self, user_id: str) -> bytes:
+        """Return the Redis key of a user's state."""
+        return self._user_key_prefix + user_id.encode()
+
+    def offsets_key(self, topic: str) -> bytes:
+        """Return the Redis key of the applied offsets of ``topic``."""
+        return f"{self.prefix}:offsets:{topic}".encode()
+
+    def ping(self) -> None:
+        """Send PING, raising StoreError if the server does not reply."""
+        with self._redis_errors("ping Redis"):
+            self.client.ping()
+
+    def load_states(self, user_ids: Sequence[str]) -> tuple[UserStateBatch, list[str]]:
+        """Load the states of ``user_ids`` with one MGET.
+
+        Returns
+        -------
+        batch : UserStateBatch
+            One row per entry of ``user_ids``, in that order. Unknown users and
+            users with a corrupt blob get new-user rows.
+        corrupt_ids : list of str
+            Users whose stored blob was corrupt, in the order of ``user_ids``.
+        """
+        if not user_ids:
+            return UserStateBatch.empty(0, self.hidden_size, self.window), []
+
+        keys = [self.user_key(user_id) for user_id in user_ids]
+        with self._redis_errors(f"load the states of {len(keys)} users"):
+            blobs = self.client.mget(keys)
+
+        batch, corrupt = decode_states(blobs, self.hidden_size, self.window)
+        corrupt_ids = [user_ids[row] for row in np.flatnonzero(corrupt)]
+        if corrupt_ids:
+            self._log_corrupt(corrupt_ids, blobs[int(np.flatnonzero(corrupt)[0])])
+        return batch, corrupt_ids
+
+    def _log_corrupt(self, corrupt_ids: list[str], first_blob: bytes) -> None:
+        logger.warning(
+            "Reset %d corrupt user states under prefix %r to new users (first ids %s). "
+            "The first is invalid: %s",
+            len(corrupt_ids),
+            self.prefix,
+            corrupt_ids[:5],
+            state_blob_problem(first_blob, self.hidden_size, self.window),
+        )
+
+    def save_states(
+        self,
+        user_ids: Sequence[str],
+        batch: UserStateBatch,
+        *,
+        topic: str,
+        offsets: Mapping[int, int],
+        new_users: int = 0,
+    ) -> int | None:
+        """Save user states and the offsets they include in one MULTI/EXEC transaction.
+
+        Parameters
+        ----------
+        user_ids : sequence of str, length S
+            The user of each row of ``batch``. If an id repeats, its last row is stored.
+        batch : UserStateBatch
+            S states to store.
+        topic : str
+            The Kafka topic the applied events came from.
+        offsets : mapping of int to int
+            Partition -> offset of the last event applied in this batch. These
+            fields of the topic's offsets hash are overwritten, and other
+            partitions keep their values.
+        new_users : int
+            Users of this batch stored for the first time; added to the user
+            counter in the same transaction.
+
+        Returns
+        -------
+        int or None
+            The user counter after the increment, or None when ``new_users`` is 0.
+
+        Redis runs the transaction atomically, so a crash or a lost connection
+        leaves either all of its writes or none. Redis does not roll back a
+        transaction in which one command fails, such as an HSET on a key of
+        another type. The other writes then stay and StoreError is raised.
+        """
+        if len(user_ids) != batch.size:
+            raise StoreArgumentError(
+                f"Cannot save states: got {len(user_ids)} user ids for {batch.size} batch rows"
+            )
+
+        blobs = encode_states(batch)
+        states = {self.user_key(user_id): blob for user_id, blob in zip(user_ids, blobs)}
+        applied = {str(int(partition)): str(int(offset)) for partition, offset in offsets.items()}
+        if not states and not applied:
+            return None
+
+        action = f"save the states of {len(states)} users and {len(applied)} offsets of topic {topic!r}"
+        with self._redis_errors(action):
+            pipeline = self.client.pipeline(transaction=True)
+            if states:
+                pipeline.mset(states)
+            if applied:
+                pipeline.hset(self.offsets_key(topic), mapping=applied)
+            if new_users:
+                pipeline.incrby(self._users_key, new_users)
+            results = pipeline.execute()
+        return int(results[-1]) if new_users else None
+
+    def user_count(self) -> int:
+        """Return the number of users stored under the prefix, from the counter save_states keeps."""
+        with self._redis_errors("read the user count"):
+            value = self.client.get(self._users_key)
+        return int(value) if value is not None else 0
+
+    def load_offsets(self, topic: str) -> dict[int, int]:
+        """Return partition -> offset of the last applied event of ``topic``; empty if none was saved."""
+        key = self.offsets_key(topic)
+        with self._redis_errors(f"load the applied offsets of topic {topic!r}"):
+            fields = self.client.hgetall(key)
+
+        try:
+            return {int(partition): int(offset) for partition, offset in fields.items()}
+        except ValueError as error:
+            raise StoreError(
+                f"Invalid applied offsets in hash {key.decode()!r}: {fields!r} has a field or value "
+                "that is not an integer; delete the hash to replay the topic from its committed offsets"
+            ) from error
+
+    def allocate_items(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Return the dense index of each item id, allocating the next free index to new ids.
+
+        Ids missing from the local cache go, de-duplicated, to one Lua script call,
+        which Redis runs atomically. All processes sharing the prefix therefore
+        get the same index for an id, and an index never changes once allocated.
+
+        Returns
+        -------
+        ndarray, shape (len(item_ids),), int32
+            The indexes in the order of ``item_ids``.
+        """
+        unknown = list(dict.fromkeys(item_id for item_id in item_ids if item_id not in self._index_of_item))
+        if unknown:
+            self._allocate_unknown(unknown)
+
+        return np.fromiter(
+            (self._index_of_item[item_id] for item_id in item_ids),
+            dtype=np.int32,
+            count=len(item_ids),
+        )
+
+    def _allocate_unknown(self, item_ids: list[str]) -> None:
+        with self._redis_errors(f"allocate indexes for {len(item_ids)} items"):
+            indexes = self._allocate_script(
+                keys=[self._index_key, self._ids_key, self._next_key],
+                args=[item_id.encode() for item_id in item_ids],
+            )
+
+        if indexes and max(indexes) > MAX_ITEM_INDEX:
+            raise StoreError(
+                f"Item index {max(indexes)} under prefix {self.prefix!r} does not fit in int32; "
+                "the prefix holds more than 2**31 items, so start a new prefix"
+            )
+        for item_id, index in zip(item_ids, indexes):
+            self._index_of_item[item_id] = index
+            self._item_of_index[index] = item_id
+
+    def item_count(self) -> int:
+        """Return the number of item indexes allocated under the prefix."""
+        with self._redis_errors("read the item count"):
+            value = self.client.get(self._next_key)
+        return int(value) if value is not None else 0
+
+    def item_ids_of(self, indexes: Sequence[int]) -> list[str | None]:
+        """Return the item id of each index, or None where no item has that index."""
+        indexes = [int(index) for index in indexes]
+        missing = list(dict.fromkeys(index for index in indexes if index not in self._item_of_index))
+        if missing:
+            with self._redis_errors(f"read the ids of {len(missing)} item indexes"):
+                found = self.client.hmget(self._ids_key, [str(index) for index in missing])
+            for index, item_id in zip(missing, found):
+                if item_id is not None:
+                    self._item_of_index[index] = item_id.decode()
+                    self._index_of_item[item_id.decode()] = index
+
+        return [self._item_of_index.get(index) for index in indexes]
+
+    def iter_user_states(self, batch_size: int = 500) -> Iterator[tuple[str, int, int, int]]:
+        """Yield (user_id, count, last_partition, last_offset) of every stored user.
+
+        Keys are listed with SCAN and read with one MGET per ``batch_size`` keys,
+        so users saved or deleted during the iteration may or may not appear.
+        Corrupt states are skipped with a warning. Each user is yielded once,
+        because the ids already yielded are kept in memory.
+        """
+        if batch_size < 1:
+            raise StoreArgumentError(f"Invalid batch_size={batch_size}: expected 1 or more")
+
+        seen: set[bytes] = set()
+        pending: list[bytes] = []
+        with self._redis_errors("scan the user states"):
+            for key in self.client.scan_iter(match=self._user_key_prefix + b"*", count=batch_size):
+                if key in seen:
+                    continue
+                seen.add(key)
+                pending.append(key)
+                if len(pending) >= batch_size:
+                    yield from self._read_summaries(pending)
+                    pending = []
+
+            if pending:
+                yield from self._read_summaries(pending)
+
+    def _read_summaries(self, keys: list[bytes]) -> Iterator[tuple[str, int, int, int]]:
+        blobs = self.client.mget(keys)
+        batch, corrupt = decode_states(blobs, self.hidden_size, self.window)
+        if corrupt.any():
+            logger.warning(
+                "Skipped %d corrupt user states under prefix %r while scanning",
+                int(corrupt.sum()),
+                self.prefix,
+            )
+
+        start = len(self._user_key_prefix)
+        for row, key in enumerate(keys):
+            if blobs[row] is None or corrupt[row]:
+                continue
+            yield (
+                key[start:].decode(errors="replace"),
+                int(batch.count[row]),
+                int(batch.last_partition[row]),
+                int(batch.last_offset[row]),
+            )
+
+    def clear(self) -> int:
+        """Delete every key under the prefix with SCAN and UNLINK, and return how many were deleted.
+
+        The local item cache is emptied too. Other RedisStore instances on the
+        same prefix keep their caches, so use this only when no other instance
+        is running, as in tests and demos.
+        """
+        deleted = 0
+        with self._redis_errors("delete the keys"):
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=f"{self.prefix}:*".encode(), count=SCAN_CHUNK):
+                batch.append(key)
+                if len(batch) >= SCAN_CHUNK:
+                    deleted += self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                deleted += self.client.unlink(*batch)
+
+        self._index_of_item.clear()
+        self._item_of_index.clear()
+        logger.info("Deleted %d keys under prefix %r", deleted, self.prefix)
+        return deleted
+
+    @contextlib.contextmanager
+    def _redis_errors(self, action: str) -> Iterator[None]:
+        """Turn a redis-py error raised inside the block into a StoreError that names ``action``."""
+        try:
+            yield
+        except redis.exceptions.RedisError as error:
+            raise StoreError(
+                f"Failed to {action} under key prefix {self.prefix!r} at Redis "
+                f"{_server_address(self.client)}: {type(error).__name__}: {error}. {_fix_for(error)}"
+            ) from error
+
+
+def _server_address(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _fix_for(error: redis.exceptions.RedisError) -> str:
+    if isinstance(error, redis.exceptions.AuthenticationError):
+        return "Check the password in the Redis URL."
+    if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return "Check that the Redis server is running and reachable at that address."
+    if isinstance(error, redis.exceptions.ResponseError):
+        return (
+            "Another program may have written a key of another type under the prefix; "
+            "use a prefix that only drnn-stream writes to."
+        )
+    return "Check the Redis server log for the cause."

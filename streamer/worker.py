@@ -1,0 +1,490 @@
+"""The worker loop: poll a micro-batch, decode, load states, train, store states, commit.
+
+Every batch goes through these stages, each timed in ``drnn_batch_stage_seconds``:
+
+1. poll: up to ``batch_size`` records from the assigned partitions.
+2. decode: parse and validate each message; invalid ones go to the dead-letter sender.
+3. state_load: allocate item indexes and MGET the states of the batch's users.
+4. compute: one call of the batch kernel, which ranks, trains and advances every event.
+5. state_store: one MULTI/EXEC with the new states and each partition's applied offset.
+6. dead_letter: wait until the batch's dead letters are stored.
+7. commit: commit the offsets after the last record of each partition.
+
+Offsets are committed only after the states and dead letters are stored, so a
+crash re-delivers the batch, and the per-user (partition, offset) check in the
+kernel skips the events already applied: every event changes its user's state
+exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from drnn_core import kernels
+from drnn_core.model import BatchResult, RecurrentBPR
+from drnn_core.state import UserStateBatch
+from streamer.checkpoints import CheckpointStore
+from streamer.errors import CheckpointError, KafkaIOError, ShutdownRequested
+from streamer.events import DecodeLimits, InvalidEventError, decode_event
+from streamer.kafka_io import DeadLetterSender, RebalanceListener, source_label
+from streamer.metrics import WorkerMetrics
+from streamer.ratelimit import RateLimitedLogger
+from streamer.settings import Settings
+from streamer.store import RedisStore, StoreError
+
+logger = logging.getLogger(__name__)
+
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 5.0
+LAG_REFRESH_S = 1.0
+OUTCOME_LABELS = {
+    kernels.STATUS_TRAINED: "sgd_step",
+    kernels.STATUS_NO_HISTORY: "no_history",
+    kernels.STATUS_NO_NEGATIVE: "no_negative",
+    kernels.STATUS_NON_FINITE: "non_finite",
+}
+
+
+@dataclasses.dataclass
+class Totals:
+    """Running totals of a worker since it started."""
+
+    consumed: int = 0
+    trained: int = 0
+    sgd_steps: int = 0
+    non_finite: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    evaluated: int = 0
+    hits_at_10: int = 0
+    reciprocal_rank_at_10: float = 0.0
+    loss_sum: float = 0.0
+    batches: int = 0
+
+    @property
+    def hr_at_10(self) -> float:
+        """HR@10 over the evaluated events (0 before any)."""
+        return self.hits_at_10 / self.evaluated if self.evaluated else 0.0
+
+    @property
+    def mrr_at_10(self) -> float:
+        """MRR@10 over the evaluated events (0 before any)."""
+        return self.reciprocal_rank_at_10 / self.evaluated if self.evaluated else 0.0
+
+
+@dataclasses.dataclass
+class DecodedBatch:
+    """The valid events of a batch as columns, and the last offset of each partition."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    partitions: np.ndarray
+    offsets: np.ndarray
+    last_offsets: dict[int, int]
+    invalid: int
+
+
+class Worker:
+    """A consumer-group member that trains the model on its partitions.
+
+    Parameters
+    ----------
+    settings : Settings
+    consumer : kafka.KafkaConsumer
+        Not yet subscribed; the worker subscribes with its rebalance listener.
+    dead_letters : DeadLetterSender
+    store : RedisStore
+    model : RecurrentBPR
+    checkpoints : CheckpointStore
+    metrics : WorkerMetrics
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        consumer,
+        dead_letters: DeadLetterSender,
+        store: RedisStore,
+        model: RecurrentBPR,
+        checkpoints: CheckpointStore,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.store = store
+        self.model = model
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.totals = Totals()
+        self.limits = DecodeLimits(
+            max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length
+        )
+        self._stop = threading.Event()
+        self._log = RateLimitedLogger(logger)
+        self._last_checkpoint = time.monotonic()
+        self._events_since_checkpoint = 0
+        self._last_lag_refresh = 0.0
+        self._last_records = time.monotonic()
+        self._lag: dict[TopicPartition, int | None] = {}
+        metrics.track_checkpoint_age(lambda: self._last_checkpoint)
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish the batch in hand, commit, checkpoint and return."""
+        if not self._stop.is_set():
+            logger.info("Stop requested: finishing the current batch")
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stop.is_set()
+
+    def run(
+        self,
+        until: Callable[[Totals], bool] | None = None,
+        on_batch: Callable[[Totals], None] | None = None,
+    ) -> Totals:
+        """Consume until a stop is requested, ``until(totals)`` is true, or the topic stays idle.
+
+        Parameters
+        ----------
+        until : callable, optional
+            Checked after every poll; the loop ends when it returns True.
+        on_batch : callable, optional
+            Called with the totals after every processed batch (progress display).
+        """
+        listener = RebalanceListener(self._on_assigned, self._on_revoked)
+        self.consumer.subscribe([self.settings.topic], listener=listener)
+        logger.info(
+            "Worker started: topic=%s group=%s prefix=%s h=%d K=%d",
+            self.settings.topic, self.settings.group_id, self.settings.key_prefix,
+            self.model.config.hidden_size, self.model.config.window,
+        )
+        self.metrics.ready.set(1)
+        self._publish_store_sizes()
+        try:
+            while not self._stop.is_set():
+                records = self._poll()
+                if records:
+                    self.process(records)
+                    if on_batch is not None:
+                        on_batch(self.totals)
+                self._maybe_checkpoint()
+                if until is not None and until(self.totals):
+                    break
+                if self._idle_long_enough():
+                    logger.info("No new records for %.1f s and no lag: stopping", self.settings.exit_when_idle_seconds)
+                    break
+        except ShutdownRequested:
+            logger.warning("Stopped before the batch in hand was stored; it will be consumed again on restart")
+        finally:
+            self._shutdown()
+        return self.totals
+
+    def _publish_store_sizes(self) -> None:
+        try:
+            self.metrics.known_users.set(self.store.user_count())
+            self.metrics.vocabulary_items.set(self.store.item_count())
+        except StoreError as exc:
+            self.metrics.errors.labels(component="redis").inc()
+            logger.error("Failed to read the user and item counts at start: %s", exc)
+        self.metrics.known_items.set(self.model.known_items)
+
+    def _poll(self) -> list:
+        with self._stage("poll"):
+            polled = self.consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
+            )
+        records = [record for partition_records in polled.values() for record in partition_records]
+        if records:
+            self._last_records = time.monotonic()
+        self._refresh_lag()
+        return records
+
+    def process(self, records: list) -> BatchResult | None:
+        """Apply one polled batch and commit it; see the module docstring for the stages."""
+        self.metrics.events_consumed.inc(len(records))
+        self.metrics.batch_events.observe(len(records))
+        self.totals.consumed += len(records)
+
+        with self._stage("decode"):
+            decoded = self._decode(records)
+
+        result = None
+        if decoded.user_ids:
+            result = self._apply(decoded)
+
+        with self._stage("dead_letter"):
+            self._retry("send dead letters", "dead_letter", self.dead_letters.flush, KafkaIOError)
+
+        if not decoded.user_ids and decoded.last_offsets:
+            with self._stage("state_store"):
+                self._retry(
+                    "store applied offsets", "redis",
+                    lambda: self.store.save_states([], _empty_states(self.model), topic=self.settings.topic, offsets=decoded.last_offsets),
+                    StoreError,
+                )
+
+        with self._stage("commit"):
+            self._commit(decoded.last_offsets)
+        self.totals.batches += 1
+        return result
+
+    def _decode(self, records: list) -> DecodedBatch:
+        users, items, partitions, offsets = [], [], [], []
+        last_offsets: dict[int, int] = {}
+        invalid = 0
+        for record in records:
+            last_offsets[record.partition] = record.offset
+            try:
+                event = decode_event(record.value, record.key, self.limits)
+            except InvalidEventError as exc:
+                invalid += 1
+                self._reject(record, exc)
+                continue
+            users.append(event.user_id)
+            items.append(event.item_id)
+            partitions.append(record.partition)
+            offsets.append(record.offset)
+
+        self.totals.invalid += invalid
+        return DecodedBatch(
+            user_ids=users,
+            item_ids=items,
+            partitions=np.asarray(partitions, dtype=np.int32),
+            offsets=np.asarray(offsets, dtype=np.int64),
+            last_offsets=last_offsets,
+            invalid=invalid,
+        )
+
+    def _reject(self, record, error: InvalidEventError) -> None:
+        self.metrics.events_invalid.labels(reason=error.reason.value).inc()
+        self._log.log(
+            logging.WARNING, f"invalid:{error.reason.value}",
+            "Dead-lettering invalid message %s: %s (%s)",
+            source_label(record.topic, record.partition, record.offset), error.reason.value, error.detail,
+        )
+        self.dead_letters.send(record, error.reason, error.detail)
+
+    def _apply(self, decoded: DecodedBatch) -> BatchResult:
+        slot_of: dict[str, int] = {}
+        slots = np.fromiter(
+            (slot_of.setdefault(user, len(slot_of)) for user in decoded.user_ids),
+            dtype=np.int32, count=len(decoded.user_ids),
+        )
+        user_ids = list(slot_of)
+
+        with self._stage("state_load"):
+            items = self._retry("allocate item indexes", "redis", lambda: self.store.allocate_items(decoded.item_ids), StoreError)
+            states, corrupt = self._retry("load user states", "redis", lambda: self.store.load_states(user_ids), StoreError)
+        if corrupt:
+            self.metrics.corrupt_states.inc(len(corrupt))
+            self.metrics.errors.labels(component="state").inc(len(corrupt))
+
+        with self._stage("compute"):
+            was_new = states.count == 0
+            result = self.model.train_batch(
+                states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate
+            )
+            new_users = int(np.count_nonzero(was_new & (states.count > 0)))
+
+        with self._stage("state_store"):
+            known_users = self._retry(
+                "store user states", "redis",
+                lambda: self.store.save_states(
+                    user_ids, states, topic=self.settings.topic, offsets=decoded.last_offsets, new_users=new_users
+                ),
+                StoreError,
+            )
+        if known_users is not None:
+            self.metrics.known_users.set(known_users)
+        self._record(result, vocabulary=int(items.max()) + 1)
+        return result
+
+    def _record(self, result: BatchResult, vocabulary: int) -> None:
+        totals, metrics = self.totals, self.metrics
+        counts = np.bincount(result.status, minlength=kernels.STATUS_DUPLICATE + 1)
+        for status, label in OUTCOME_LABELS.items():
+            if counts[status]:
+                metrics.events_trained.labels(outcome=label).inc(int(counts[status]))
+        trained = int(counts[: kernels.STATUS_DUPLICATE].sum())
+        skipped = int(counts[kernels.STATUS_DUPLICATE])
+        if skipped:
+            metrics.events_skipped.labels(reason="duplicate").inc(skipped)
+        if counts[kernels.STATUS_NON_FINITE]:
+            self._log.log(
+                logging.ERROR, "non_finite",
+                "Skipped %d updates that would have made the model non-finite; lower learning_rate (now %g)",
+                int(counts[kernels.STATUS_NON_FINITE]), self.settings.learning_rate,
+            )
+
+        steps = result.status == kernels.STATUS_TRAINED
+        loss_sum = float(result.loss[steps].sum(dtype=np.float64))
+        evaluated, hits, reciprocal = result.evaluated, result.hits(10), result.reciprocal_rank_sum(10)
+        metrics.evaluated.inc(evaluated)
+        metrics.hits.inc(hits)
+        metrics.reciprocal_rank.inc(reciprocal)
+        if steps.any():
+            metrics.loss_sum.inc(loss_sum)
+            metrics.loss_last.set(loss_sum / int(steps.sum()))
+        metrics.known_items.set(self.model.known_items)
+        metrics.vocabulary_items.set(max(vocabulary, self.model.known_items))
+
+        totals.trained += trained
+        totals.sgd_steps += int(counts[kernels.STATUS_TRAINED])
+        totals.non_finite += int(counts[kernels.STATUS_NON_FINITE])
+        totals.skipped += skipped
+        totals.evaluated += evaluated
+        totals.hits_at_10 += hits
+        totals.reciprocal_rank_at_10 += reciprocal
+        totals.loss_sum += loss_sum
+        self._events_since_checkpoint += trained
+
+    def _commit(self, last_offsets: dict[int, int]) -> None:
+        if not last_offsets:
+            return
+        offsets = {
+            TopicPartition(self.settings.topic, partition): OffsetAndMetadata(offset + 1, "", -1)
+            for partition, offset in last_offsets.items()
+        }
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            self.metrics.errors.labels(component="kafka").inc()
+            self._log.log(
+                logging.WARNING, "commit_failed",
+                "Offset commit rejected after a rebalance (%s); the new owner re-reads the batch "
+                "and skips the events already applied", exc,
+            )
+        except KafkaError as exc:
+            self.metrics.errors.labels(component="kafka").inc()
+            self._log.log(
+                logging.WARNING, "commit_error",
+                "Offset commit failed (%s); the events will be re-read and skipped as duplicates", exc,
+            )
+
+    def _retry(self, action: str, component: str, operation: Callable, errors: type[Exception]):
+        delay = RETRY_INITIAL_S
+        attempt = 0
+        while True:
+            try:
+                result = operation()
+            except errors as exc:
+                attempt += 1
+                self.metrics.errors.labels(component=component).inc()
+                self.metrics.ready.set(0)
+                self._log.log(
+                    logging.WARNING, f"retry:{action}",
+                    "Failed to %s (attempt %d, retrying in %.1f s): %s", action, attempt, delay, exc,
+                )
+                if self._stop.wait(delay):
+                    raise ShutdownRequested(f"Gave up trying to {action}: the worker is stopping") from exc
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if attempt:
+                logger.info("Recovered: %s succeeded after %d failed attempts", action, attempt)
+                self.metrics.ready.set(1)
+            return result
+
+    def _on_assigned(self, partitions) -> None:
+        partitions = sorted(partitions)
+        logger.info("Assigned partitions %s", [tp.partition for tp in partitions])
+        if not partitions:
+            return
+        try:
+            applied = self.store.load_offsets(self.settings.topic)
+        except StoreError as exc:
+            self.metrics.errors.labels(component="redis").inc()
+            logger.error("Failed to read the applied offsets at assignment, keeping committed offsets: %s", exc)
+            return
+        for tp in partitions:
+            if tp.partition in applied:
+                self.consumer.seek(tp, applied[tp.partition] + 1)
+                logger.info("Resuming %s after the last applied offset %d", source_label(tp.topic, tp.partition, applied[tp.partition]), applied[tp.partition])
+
+    def _on_revoked(self, partitions) -> None:
+        partitions = sorted(partitions)
+        if partitions:
+            logger.info("Revoked partitions %s; every processed batch is already committed", [tp.partition for tp in partitions])
+        for tp in partitions:
+            if self._lag.pop(tp, None) is not None:
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+
+    def _refresh_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_refresh < LAG_REFRESH_S:
+            return
+        self._last_lag_refresh = now
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                self._lag[tp] = None
+                continue
+            lag = max(highwater - self.consumer.position(tp), 0)
+            self._lag[tp] = lag
+            self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    def _idle_long_enough(self) -> bool:
+        idle_s = self.settings.exit_when_idle_seconds
+        if idle_s <= 0 or time.monotonic() - self._last_records < idle_s:
+            return False
+        if not self.consumer.assignment():
+            return False
+        self._last_lag_refresh = 0.0
+        self._refresh_lag()
+        return all(not lag for lag in self._lag.values())
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        settings = self.settings
+        due_by_count = settings.checkpoint_every_events and self._events_since_checkpoint >= settings.checkpoint_every_events
+        due_by_time = settings.checkpoint_every_seconds and time.monotonic() - self._last_checkpoint >= settings.checkpoint_every_seconds
+        if not (force or due_by_count or due_by_time):
+            return
+        if not force and self._events_since_checkpoint == 0:
+            self._last_checkpoint = time.monotonic()
+            return
+        try:
+            self.checkpoints.save(self.model, self.totals.trained)
+        except CheckpointError as exc:
+            self.metrics.errors.labels(component="checkpoint").inc()
+            logger.error("%s", exc)
+            return
+        self._last_checkpoint = time.monotonic()
+        self._events_since_checkpoint = 0
+
+    def _shutdown(self) -> None:
+        self._maybe_checkpoint(force=self._events_since_checkpoint > 0)
+        self.metrics.ready.set(0)
+        try:
+            self.consumer.close(autocommit=False)
+            self.dead_letters.close()
+        except KafkaError as exc:
+            logger.warning("Closing the Kafka clients failed: %s", exc)
+        self.store.client.close()
+        logger.info(
+            "Worker stopped: consumed=%d trained=%d skipped=%d invalid=%d HR@10=%.4f",
+            self.totals.consumed, self.totals.trained, self.totals.skipped, self.totals.invalid, self.totals.hr_at_10,
+        )
+
+    @contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+
+
+def _empty_states(model: RecurrentBPR) -> UserStateBatch:
+    return UserStateBatch.empty(0, model.config.hidden_size, model.config.window)
