@@ -115,18 +115,14 @@ class RecurrentBPR:
         """Grow X, V and the item statistics by doubling until ``n_items`` rows fit.
 
         Trained rows are kept unchanged; new rows get fresh initial weights from
-        the model's initialisation RNG.
+        the model's initialisation RNG, drawn one doubling at a time, so the
+        weights do not depend on how the events were split into batches.
         """
-        if n_items <= self.capacity:
-            return
-        capacity = self.capacity
-        while capacity < n_items:
-            capacity *= 2
-
-        extra = capacity - self.capacity
-        self.X = np.ascontiguousarray(np.vstack([self.X, self._normal((extra, self.config.hidden_size))]))
-        self.V = np.ascontiguousarray(np.vstack([self.V, self._normal((extra, self.config.hidden_size))]))
-        self.stats.grow(capacity)
+        while self.capacity < n_items:
+            extra = self.capacity
+            self.X = np.ascontiguousarray(np.vstack([self.X, self._normal((extra, self.config.hidden_size))]))
+            self.V = np.ascontiguousarray(np.vstack([self.V, self._normal((extra, self.config.hidden_size))]))
+            self.stats.grow(2 * extra)
 
     def train_batch(
         self,

@@ -433,10 +433,13 @@ def test_merge_duplicate_rows_sums_into_first_position():
 
 @pytest.mark.parametrize("window_name", sorted(WINDOWS))
 @pytest.mark.parametrize("max_grad_norm", [1e6, 1e-2])
-def test_sgd_update_matches_reference(window_name, max_grad_norm):
+@pytest.mark.parametrize("l2", [0.01, 0.5])
+def test_sgd_update_matches_reference(window_name, max_grad_norm, l2):
+    # With l2 = 0.5 the L2 term dominates the gradient, so a clipped step shows
+    # whether each distinct X row enters the norm once.
     params32, start_hidden32, items, positive, negative = _gradient_case(window_name)
     params = _float64(params32)
-    learning_rate, l2 = 0.5, 0.01
+    learning_rate = 0.5
 
     buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
     applied = _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, l2, max_grad_norm)
@@ -452,13 +455,14 @@ def test_sgd_update_matches_reference(window_name, max_grad_norm):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sgd_update_clips_step_to_max_grad_norm():
+@pytest.mark.parametrize("l2", [0.0, 0.5])
+def test_sgd_update_clips_step_to_max_grad_norm(l2):
     params32, start_hidden32, items, positive, negative = _gradient_case("repeated")
     before = _float64(params32)
     learning_rate, max_grad_norm = 1.0, 0.1
 
     buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
-    applied = _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, 0.0, max_grad_norm)
+    applied = _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, l2, max_grad_norm)
     rows = reference.distinct_items(items)
     after = _float64(params32)
     changes = [after[0][rows] - before[0][rows], after[1] - before[1], after[2] - before[2],
