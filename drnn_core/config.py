@@ -9,6 +9,12 @@ from drnn_core.errors import ConfigError
 
 SAMPLERS = ("uniform", "popularity")
 
+# An SGD step that would move any parameter beyond this magnitude is skipped as
+# diverging. With |X|, |U|, |W|, |V| <= 1e6 and h <= 4096, every sum the kernels
+# form (b(t), h . V, the gradients) stays below 1e16, far from the float32
+# maximum of 3.4e38, so the hidden states stay finite too.
+MAX_ABS_PARAMETER = 1e6
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -79,8 +85,10 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 def _check_float(
     name: str, value: object, low: float, high: float, *, low_open: bool = False
 ) -> None:
-    bracket = "(" if low_open else "["
-    allowed = f"a finite number in {bracket}{low:g}, {high:g}]"
+    if math.isinf(high):
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"Invalid {name}={value!r}: expected {allowed}")
     too_low = value <= low if low_open else value < low

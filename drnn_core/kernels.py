@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import njit, types
 
+from drnn_core.config import MAX_ABS_PARAMETER
 from drnn_core.sampling import SAMPLER_TYPE, record_item, sample_negative
 
 STATUS_TRAINED = 0
@@ -202,6 +203,12 @@ def merge_duplicate_rows(items, length, grad_x):
                 break
 
 
+@njit(types.boolean(types.float32), nogil=True, cache=True)
+def _bounded(value):
+    """Return whether a new parameter value is finite and within MAX_ABS_PARAMETER."""
+    return math.isfinite(value) and abs(value) <= MAX_ABS_PARAMETER
+
+
 @njit(types.boolean(_I32_1D_ANY, types.int64, types.int64), nogil=True, cache=True)
 def is_repeat(items, length, position):
     """Return whether ``items[position]`` also occurs at an earlier position."""
@@ -223,7 +230,7 @@ def is_repeat(items, length, position):
 )
 def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad_v_pos, grad_v_neg,
                learning_rate, l2, max_grad_norm, new_x, new_u_w, new_v):
-    """Apply one SGD step with L2 and gradient-norm clipping, unless it would be non-finite.
+    """Apply one SGD step with L2 and gradient-norm clipping, unless it would diverge.
 
     The full gradient is the BPR gradient plus ``2 * l2 * theta`` for every touched
     parameter; it is scaled by ``min(1, max_grad_norm / ||g||)`` with ||g|| the
@@ -246,8 +253,9 @@ def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad
     Returns
     -------
     bool
-        True if the step was applied, False if the gradient norm or any new
-        value, rounded to float32, was non-finite (then nothing is changed).
+        True if the step was applied, False if the gradient norm was non-finite
+        or any new value, rounded to float32, was non-finite or above
+        MAX_ABS_PARAMETER in magnitude (then nothing is changed).
     """
     X, U, W, V = params
     size = U.shape[0]
@@ -284,20 +292,20 @@ def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad
             for j in range(size):
                 value = np.float32(X[row, j] - step * (grad_x[k, j] + reg * X[row, j]))
                 new_x[k, j] = value
-                finite &= math.isfinite(value)
+                finite &= _bounded(value)
     for k in range(size):
         for j in range(size):
             value_u = np.float32(U[k, j] - step * (grad_u_w[k, j] + reg * U[k, j]))
             value_w = np.float32(W[k, j] - step * (grad_u_w[size + k, j] + reg * W[k, j]))
             new_u_w[k, j] = value_u
             new_u_w[size + k, j] = value_w
-            finite &= math.isfinite(value_u) and math.isfinite(value_w)
+            finite &= _bounded(value_u) and _bounded(value_w)
     for j in range(size):
         value_p = np.float32(V[positive, j] - step * (grad_v_pos[j] + reg * V[positive, j]))
         value_n = np.float32(V[negative, j] - step * (grad_v_neg[j] + reg * V[negative, j]))
         new_v[0, j] = value_p
         new_v[1, j] = value_n
-        finite &= math.isfinite(value_p) and math.isfinite(value_n)
+        finite &= _bounded(value_p) and _bounded(value_n)
     if not finite:
         return False
 

@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from drnn_core.config import MAX_ABS_PARAMETER
+
 STATUS_TRAINED = 0
 STATUS_NO_HISTORY = 1
 STATUS_NO_NEGATIVE = 2
@@ -254,11 +256,13 @@ def gradient_norm(full_grads):
 
 def sgd_update(params, items, positive, negative, bpr_grads, learning_rate, l2, max_grad_norm,
                storage_dtype=np.float32):
-    """Apply one clipped SGD step in place, unless the step would make a parameter non-finite.
+    """Apply one clipped SGD step in place, unless the step would make a parameter diverge.
 
     1. g = the BPR gradient plus ``2 * l2 * theta``, one row per distinct X row.
     2. g is scaled by ``min(1, max_grad_norm / ||g||)``, with ||g|| the global L2 norm.
-    3. ``theta -= learning_rate * g``, unless ||g|| or a new value is non-finite.
+    3. ``theta -= learning_rate * g``, unless ||g|| is non-finite or a new value,
+       stored in ``storage_dtype``, is non-finite or above MAX_ABS_PARAMETER in
+       absolute value.
 
     Parameters
     ----------
@@ -299,6 +303,8 @@ def sgd_update(params, items, positive, negative, bpr_grads, learning_rate, l2, 
     with np.errstate(over="ignore", invalid="ignore"):
         stored = [value.astype(storage_dtype) for value in new_values.values()]
     if not all(np.all(np.isfinite(value)) for value in stored):
+        return False
+    if any(np.any(np.abs(value) > MAX_ABS_PARAMETER) for value in stored):
         return False
 
     X[rows] = new_values["X"]

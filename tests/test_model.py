@@ -400,13 +400,13 @@ CONFIG_ERROR_CASES = [
     ("hidden_size", True, "from 1 to 4096"),
     ("window", 0, "from 1 to 64"),
     ("window", 65, "from 1 to 64"),
-    ("learning_rate", 0.0, "(0, inf]"),
-    ("learning_rate", -0.1, "(0, inf]"),
-    ("learning_rate", math.nan, "(0, inf]"),
-    ("learning_rate", math.inf, "(0, inf]"),
-    ("learning_rate", "0.1", "(0, inf]"),
-    ("l2", -1e-9, "[0, inf]"),
-    ("max_grad_norm", 0.0, "(0, inf]"),
+    ("learning_rate", 0.0, "> 0"),
+    ("learning_rate", -0.1, "> 0"),
+    ("learning_rate", math.nan, "> 0"),
+    ("learning_rate", math.inf, "> 0"),
+    ("learning_rate", "0.1", "> 0"),
+    ("l2", -1e-9, ">= 0"),
+    ("max_grad_norm", 0.0, "> 0"),
     ("sampler", "pop", "uniform, popularity"),
     ("popularity_alpha", -0.1, "[0, 2]"),
     ("popularity_alpha", 2.5, "[0, 2]"),
@@ -452,3 +452,21 @@ def test_model_config_is_frozen():
 def test_config_error_is_drnn_error():
     assert issubclass(ConfigError, DrnnError)
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("learning_rate", [1e3, 1e15, 1e38])
+def test_model_absurd_learning_rate_keeps_states_finite(learning_rate):
+    rng = np.random.default_rng(11)
+    model = RecurrentBPR(ModelConfig(hidden_size=8, window=3, learning_rate=learning_rate, initial_items=16))
+    states = UserStateBatch.empty(20, 8, 3)
+    slots = rng.integers(0, 20, size=2000).astype(np.int32)
+    items = rng.integers(0, 40, size=2000).astype(np.int32)
+
+    result = model.train_batch(states, slots, items, np.zeros(2000, np.int32), np.arange(2000, dtype=np.int64))
+
+    for name in ("X", "U", "W", "V"):
+        assert np.isfinite(getattr(model, name)).all(), name
+    assert np.isfinite(states.hidden).all()
+    assert np.isfinite(states.start_hidden).all()
+    if learning_rate >= 1e15:
+        assert result.count(kernels.STATUS_NON_FINITE) > 0
