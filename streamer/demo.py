@@ -31,7 +31,7 @@ DEMO_SESSION_TIMEOUT_MS = 6000
 
 @dataclasses.dataclass
 class DemoSummary:
-    """What the demo prints and writes with --summary-json."""
+    """Summary of a demo run, printed and written by --summary-json."""
 
     dataset: str
     events_read: int

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import urllib.parse
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ from drnn_core.config import SAMPLERS, ModelConfig
 from drnn_core.errors import ConfigError
 
 ENV_PREFIX = "DRNN_"
+KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def _setting(default: Any, help: str, **limits: Any) -> Any:
@@ -69,6 +71,11 @@ class Settings:
         _validate_address("metrics_address", self.metrics_address, allow_empty=True)
         _validate_servers(self.bootstrap_servers)
         _validate_redis_url(self.redis_url)
+        if not KEY_PREFIX_PATTERN.fullmatch(self.key_prefix):
+            raise ConfigError(
+                f"Invalid key_prefix={self.key_prefix!r} (--key-prefix / DRNN_KEY_PREFIX): use one or more "
+                "letters, digits, '_', '.' or '-', so that it cannot overlap another prefix"
+            )
         if not self.topic or self.topic == self.dead_letter_topic:
             raise ConfigError(
                 f"Invalid topic={self.topic!r} and dead_letter_topic={self.dead_letter_topic!r}: "

@@ -4,16 +4,17 @@ Every batch goes through these stages, each timed in ``drnn_batch_stage_seconds`
 
 1. poll: up to ``batch_size`` records from the assigned partitions.
 2. decode: parse and validate each message; invalid ones go to the dead-letter sender.
-3. state_load: allocate item indexes and MGET the states of the batch's users.
-4. compute: one call of the batch kernel, which ranks, trains and advances every event.
-5. state_store: one MULTI/EXEC with the new states and each partition's applied offset.
-6. dead_letter: wait until the batch's dead letters are stored.
+3. dead_letter: wait until the batch's dead letters are stored.
+4. state_load: allocate item indexes and MGET the states of the batch's users.
+5. compute: one call of the batch kernel, which ranks, trains and advances every event.
+6. state_store: one MULTI/EXEC with the new states and each partition's applied offset.
 7. commit: commit the offsets after the last record of each partition.
 
-Offsets are committed only after the states and dead letters are stored, so a
-crash re-delivers the batch, and the per-user (partition, offset) check in the
-kernel skips the events already applied: every event changes its user's state
-exactly once.
+Dead letters are stored before the states, and the offsets are committed after
+both, so a crash at any point re-delivers the batch (an assignment resumes
+after the offsets stored with the states). The per-user (partition, offset)
+check in the kernel skips the events already applied, so every valid event
+changes its user's state exactly once; a dead letter may be sent twice.
 """
 
 from __future__ import annotations
@@ -221,12 +222,12 @@ class Worker:
         with self._stage("decode"):
             decoded = self._decode(records)
 
+        with self._stage("dead_letter"):
+            self._retry("send dead letters", "dead_letter", self.dead_letters.flush, KafkaIOError)
+
         result = None
         if decoded.user_ids:
             result = self._apply(decoded)
-
-        with self._stage("dead_letter"):
-            self._retry("send dead letters", "dead_letter", self.dead_letters.flush, KafkaIOError)
 
         if not decoded.user_ids and decoded.last_offsets:
             with self._stage("state_store"):
