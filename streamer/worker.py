@@ -401,6 +401,7 @@ class Worker:
     def _on_assigned(self, partitions) -> None:
         partitions = sorted(partitions)
         logger.info("Assigned partitions %s", [tp.partition for tp in partitions])
+        self._last_records = time.monotonic()
         if not partitions:
             return
         try:
@@ -444,7 +445,8 @@ class Worker:
             return False
         self._last_lag_refresh = 0.0
         self._refresh_lag()
-        return all(not lag for lag in self._lag.values())
+        assigned = self.consumer.assignment()
+        return all(self._lag.get(tp) == 0 for tp in assigned)
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
         settings = self.settings
