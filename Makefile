@@ -1,5 +1,5 @@
 # Entry points: `make demo` runs the embedded demo, `make test` the whole suite.
-# Both create .venv and install the project with its test and embedded extras first.
+# Both create .venv and install the project with its embedded, serve, plot and test extras first.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[embedded,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[embedded,serve,plot,test]'
 	touch $(STAMP)
 
 demo: install

@@ -50,13 +50,13 @@ def load_model(settings: Settings, checkpoints: CheckpointStore) -> RecurrentBPR
 def build_worker(settings: Settings, registry: CollectorRegistry | None = None) -> Worker:
     """Wire a Worker: Kafka consumer and dead-letter producer, Redis store, model, metrics.
 
-    The metrics HTTP server starts here when ``settings.metrics_address`` is set.
+    The metrics HTTP server starts here when ``settings.metrics_address`` is
+    set, and stops when the worker stops.
     """
     logger.info("Starting with settings %s", settings.redacted())
     registry = registry if registry is not None else CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    if settings.metrics_address:
-        serve_metrics(settings.metrics_address, registry)
+    metrics_server = serve_metrics(settings.metrics_address, registry) if settings.metrics_address else None
 
     store = make_store(settings)
     checkpoints = CheckpointStore(settings.checkpoint_dir, settings.checkpoints_kept)
@@ -73,4 +73,5 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
         model=model,
         checkpoints=checkpoints,
         metrics=metrics,
+        metrics_server=metrics_server,
     )

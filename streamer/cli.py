@@ -10,6 +10,7 @@ import sys
 from drnn_core.errors import DrnnError
 from streamer.datasets import FORMATS, Message, read_interactions, read_messages
 from streamer.events import encode_event
+from streamer.serve import add_recommend_command, add_serve_command
 from streamer.settings import Settings, add_arguments, load_settings
 
 logger = logging.getLogger("streamer.cli")
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--summary-json", metavar="FILE", help="Also write the summary as a JSON object to FILE.")
     add_arguments(demo)
     demo.set_defaults(run=run_demo_command)
+
+    add_serve_command(commands)
+    add_recommend_command(commands)
     return parser
 
 

@@ -107,6 +107,8 @@ class Worker:
     model : RecurrentBPR
     checkpoints : CheckpointStore
     metrics : WorkerMetrics
+    metrics_server : optional
+        The HTTP server of ``metrics``, shut down when the worker stops.
     """
 
     def __init__(
@@ -119,8 +121,10 @@ class Worker:
         model: RecurrentBPR,
         checkpoints: CheckpointStore,
         metrics: WorkerMetrics,
+        metrics_server=None,
     ) -> None:
         self.settings = settings
+        self.metrics_server = metrics_server
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.store = store
@@ -475,6 +479,9 @@ class Worker:
         except KafkaError as exc:
             logger.warning("Closing the Kafka clients failed: %s", exc)
         self.store.client.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         logger.info(
             "Worker stopped: consumed=%d trained=%d skipped=%d invalid=%d HR@10=%.4f",
             self.totals.consumed, self.totals.trained, self.totals.skipped, self.totals.invalid, self.totals.hr_at_10,

@@ -1,4 +1,4 @@
-"""Wiring checks of docker-compose.yml, deploy/prometheus.yml, the Dockerfile and .dockerignore.
+"""Wiring checks of docker-compose.yml, deploy/prometheus.yml, deploy/grafana, the Dockerfile and .dockerignore.
 
 The files are parsed, not run: each test compares two places that must agree.
 """
@@ -23,23 +23,32 @@ PROMETHEUS_PATH = REPO_ROOT / "deploy" / "prometheus.yml"
 DOCKERFILE_PATH = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE_PATH = REPO_ROOT / ".dockerignore"
 PYPROJECT_PATH = REPO_ROOT / "pyproject.toml"
+ALERTS_PATH = REPO_ROOT / "deploy" / "alerts.yml"
+GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
+GRAFANA_PROVISIONING_DIR = GRAFANA_DIR / "provisioning"
+DASHBOARD_PATH = GRAFANA_DIR / "dashboards" / "drnn-stream.json"
 
 KAFKA_SERVICE = "kafka"
 KAFKA_INIT_SERVICE = "kafka-init"
 REDIS_SERVICE = "redis"
 WORKER_SERVICE = "worker"
 PROMETHEUS_SERVICE = "prometheus"
+GRAFANA_SERVICE = "grafana"
 REQUIRED_SERVICES = (
     KAFKA_SERVICE,
     KAFKA_INIT_SERVICE,
     REDIS_SERVICE,
     WORKER_SERVICE,
     PROMETHEUS_SERVICE,
+    GRAFANA_SERVICE,
 )
 
 SCRAPE_JOB = "drnn-worker"
 SCRAPE_INTERVAL_SECONDS = 15
 PROMETHEUS_CONFIG_TARGET = "/etc/prometheus/prometheus.yml"
+PROMETHEUS_PORT = 9090
+GRAFANA_PROVISIONING_TARGET = "/etc/grafana/provisioning"
+GRAFANA_DATA_TARGET = "/var/lib/grafana"
 WORKER_STOP_GRACE_SECONDS = 30
 
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)")
@@ -233,6 +242,58 @@ def _scrape_targets(job: dict) -> list[str]:
         targets.extend(group.get("targets") or [])
 
     return targets
+
+
+def _host_path(source: str) -> Path:
+    """Resolve a bind-mount source of docker-compose.yml to a path in the repository."""
+    return (COMPOSE_PATH.parent / source).resolve()
+
+
+def _mounted_host_path(service: dict, container_path: str) -> Path | None:
+    """Return the host path mounted at ``container_path`` in a service, through the bind mount that contains it."""
+    for source, target in _mounts(service):
+        if _is_named_volume(source):
+            continue
+
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return _host_path(source) / container_path[len(target):].lstrip("/")
+
+    return None
+
+
+def _published_ports(service: dict) -> list[str]:
+    return [str(port) for port in service.get("ports") or []]
+
+
+def _grafana_datasources() -> list[dict]:
+    datasources = []
+
+    for path in sorted((GRAFANA_PROVISIONING_DIR / "datasources").glob("*.y*ml")):
+        datasources.extend(_load_yaml(path).get("datasources") or [])
+
+    return datasources
+
+
+def _grafana_dashboard_providers() -> list[dict]:
+    providers = []
+
+    for path in sorted((GRAFANA_PROVISIONING_DIR / "dashboards").glob("*.y*ml")):
+        providers.extend(_load_yaml(path).get("providers") or [])
+
+    return providers
+
+
+def _dashboard_datasource_uids(dashboard: dict) -> set[str]:
+    uids = set()
+
+    for panel in dashboard["panels"]:
+        if "datasource" in panel:
+            uids.add(panel["datasource"]["uid"])
+
+        for target in panel.get("targets") or []:
+            uids.add(target["datasource"]["uid"])
+
+    return uids
 
 
 def _kafka_init_create_lines(services: dict) -> list[list[str]]:
@@ -554,6 +615,99 @@ def test_compose_prometheus_mounts_config(services):
 
     source = (COMPOSE_PATH.parent / mounts[PROMETHEUS_CONFIG_TARGET]).resolve()
     assert source == PROMETHEUS_PATH.resolve(), f"prometheus mounts {source}, not {PROMETHEUS_PATH}"
+
+
+def test_compose_prometheus_loads_alert_rules(prometheus_config, services):
+    rule_files = prometheus_config.get("rule_files") or []
+    assert rule_files, "prometheus.yml has no rule_files"
+
+    for rule_file in rule_files:
+        source = _mounted_host_path(services[PROMETHEUS_SERVICE], rule_file)
+        assert source is not None, f"rule file {rule_file} is not mounted into the prometheus service"
+        assert source == ALERTS_PATH.resolve(), f"rule file {rule_file} comes from {source}, not {ALERTS_PATH}"
+
+
+def test_compose_prometheus_evaluates_rules_every_scrape(prometheus_config):
+    global_config = prometheus_config.get("global") or {}
+    interval = global_config.get("evaluation_interval", "1m")
+    assert _duration_seconds(interval) == SCRAPE_INTERVAL_SECONDS, (
+        f"rules are evaluated every {interval}, expected {SCRAPE_INTERVAL_SECONDS}s"
+    )
+
+
+def test_compose_prometheus_has_healthcheck(services):
+    healthcheck = services[PROMETHEUS_SERVICE].get("healthcheck") or {}
+    command = " ".join(healthcheck.get("test") or [])
+    assert f":{PROMETHEUS_PORT}/-/ready" in command, f"prometheus healthcheck does not probe /-/ready: {command!r}"
+
+
+# Grafana.
+
+
+def test_compose_grafana_mounts_provisioning(services):
+    source = _mounted_host_path(services[GRAFANA_SERVICE], GRAFANA_PROVISIONING_TARGET)
+    assert source == GRAFANA_PROVISIONING_DIR.resolve(), (
+        f"grafana sees {source} at {GRAFANA_PROVISIONING_TARGET}, not {GRAFANA_PROVISIONING_DIR}"
+    )
+
+
+def test_compose_grafana_datasource_is_prometheus_service():
+    datasources = [source for source in _grafana_datasources() if source.get("type") == "prometheus"]
+    assert len(datasources) == 1, f"expected one Prometheus data source, got {datasources}"
+
+    url = urllib.parse.urlsplit(datasources[0]["url"])
+    assert url.hostname == PROMETHEUS_SERVICE, f"the data source points at {url.hostname!r}"
+    assert url.port == PROMETHEUS_PORT, f"the data source uses port {url.port}, not {PROMETHEUS_PORT}"
+
+
+def test_compose_prometheus_publishes_datasource_port(services):
+    container_ports = {port.rsplit(":", 1)[-1] for port in _published_ports(services[PROMETHEUS_SERVICE])}
+    assert str(PROMETHEUS_PORT) in container_ports, f"prometheus does not publish port {PROMETHEUS_PORT}"
+
+
+def test_compose_dashboard_uses_provisioned_datasource():
+    provisioned = {source.get("uid") for source in _grafana_datasources()}
+    dashboard = json.loads(DASHBOARD_PATH.read_text(encoding="utf-8"))
+    used = _dashboard_datasource_uids(dashboard)
+    assert used, "the dashboard names no data source"
+    assert used <= provisioned, f"the dashboard uses data sources {used - provisioned} that are not provisioned"
+
+
+def test_compose_dashboard_provider_path_is_mounted(services):
+    providers = _grafana_dashboard_providers()
+    assert providers, "no Grafana dashboard provider is provisioned"
+
+    for provider in providers:
+        path = provider["options"]["path"]
+        source = _mounted_host_path(services[GRAFANA_SERVICE], path)
+        assert source is not None, f"dashboard provider path {path} is not mounted into grafana"
+        assert (source / DASHBOARD_PATH.name).resolve() == DASHBOARD_PATH.resolve(), (
+            f"grafana reads dashboards from {source}, which does not hold {DASHBOARD_PATH.name}"
+        )
+
+
+def test_compose_grafana_home_dashboard_is_mounted(services):
+    home = _environment(services[GRAFANA_SERVICE]).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home, "grafana sets no home dashboard"
+
+    source = _mounted_host_path(services[GRAFANA_SERVICE], home)
+    assert source is not None and source.resolve() == DASHBOARD_PATH.resolve(), f"home dashboard {home} is {source}"
+
+
+def test_compose_grafana_waits_for_prometheus(services):
+    depends_on = services[GRAFANA_SERVICE].get("depends_on") or {}
+    assert PROMETHEUS_SERVICE in depends_on, "grafana does not depend on prometheus"
+
+
+def test_compose_grafana_data_on_named_volume(services):
+    source = _mount_sources_by_target(services[GRAFANA_SERVICE]).get(GRAFANA_DATA_TARGET, "")
+    assert _is_named_volume(source), f"grafana {GRAFANA_DATA_TARGET} is not on a named volume"
+
+
+def test_compose_dashboards_published_on_loopback(services):
+    for name in (PROMETHEUS_SERVICE, GRAFANA_SERVICE):
+        for port in _published_ports(services[name]):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port!r} beyond loopback"
 
 
 # The Dockerfile and its build context.
