@@ -20,12 +20,10 @@ logger = logging.getLogger(__name__)
 
 def make_redis_client(settings: Settings) -> redis.Redis:
     """Create a Redis client from the settings' URL, with timeouts so that an outage is noticed."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-    )
+    options = dict(socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30)
+    if settings.redis_ssl_ca_certs:
+        options["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+    return redis.Redis.from_url(settings.redis_url, **options)
 
 
 def make_store(settings: Settings, client: redis.Redis | None = None) -> RedisStore:
@@ -56,7 +54,6 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
     logger.info("Starting with settings %s", settings.redacted())
     registry = registry if registry is not None else CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    metrics_server = serve_metrics(settings.metrics_address, registry) if settings.metrics_address else None
 
     store = make_store(settings)
     checkpoints = CheckpointStore(settings.checkpoint_dir, settings.checkpoints_kept)
@@ -65,7 +62,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
 
     consumer = make_consumer(settings)
     producer = make_producer(settings)
-    return Worker(
+    worker = Worker(
         settings=settings,
         consumer=consumer,
         dead_letters=DeadLetterSender(producer, settings.dead_letter_topic),
@@ -73,5 +70,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
         model=model,
         checkpoints=checkpoints,
         metrics=metrics,
-        metrics_server=metrics_server,
     )
+    if settings.metrics_address:
+        worker.metrics_server = serve_metrics(settings.metrics_address, registry, worker.health)
+    return worker

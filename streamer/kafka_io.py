@@ -17,9 +17,25 @@ logger = logging.getLogger(__name__)
 DEAD_LETTER_HEADERS = ("drnn.reason", "drnn.detail", "drnn.source")
 
 
+def security_config(settings: Settings) -> dict:
+    """Return the kafka-python security options that the settings set (empty values are left out)."""
+    config = {"security_protocol": settings.security_protocol}
+    optional = {
+        "sasl_mechanism": settings.sasl_mechanism,
+        "sasl_plain_username": settings.sasl_username,
+        "sasl_plain_password": settings.sasl_password,
+        "ssl_cafile": settings.ssl_cafile,
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
+    }
+    config.update({name: value for name, value in optional.items() if value})
+    return config
+
+
 def make_consumer(settings: Settings) -> KafkaConsumer:
     """Create a group consumer with manual commits; subscription happens in the worker."""
     return KafkaConsumer(
+        **security_config(settings),
         bootstrap_servers=settings.bootstrap_servers.split(","),
         client_id=settings.client_id,
         group_id=settings.group_id,
@@ -36,6 +52,7 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
 def make_producer(settings: Settings, **overrides) -> KafkaProducer:
     """Create a producer that waits for all in-sync replicas and retries."""
     config = dict(
+        **security_config(settings),
         bootstrap_servers=settings.bootstrap_servers.split(","),
         client_id=settings.client_id,
         acks="all",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from streamer.events import InvalidReason
 
@@ -16,6 +20,7 @@ STAGES = ("poll", "decode", "state_load", "compute", "state_store", "dead_letter
 TRAIN_OUTCOMES = ("sgd_step", "no_history", "no_negative", "non_finite")
 SKIP_REASONS = ("duplicate",)
 COMPONENTS = ("kafka", "redis", "state", "checkpoint", "dead_letter")
+STATE_LOSS_KINDS = ("epoch_missing", "offsets_behind")
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -92,6 +97,17 @@ class WorkerMetrics:
             "drnn_corrupt_states_total", "User states in Redis that failed to decode and were reset.", registry=registry
         )
         self.ready = Gauge("drnn_worker_ready", "1 while the worker can read and write its stores.", registry=registry)
+        self.state_loss = Counter(
+            "drnn_redis_state_loss_total",
+            "Times Redis was found to have lost data, by kind: epoch_missing (an empty Redis) or "
+            "offsets_behind (its applied offsets went back, e.g. after a crash that lost its last writes).",
+            ["kind"], registry=registry,
+        )
+        self.stale_writes = Counter(
+            "drnn_stale_state_writes_total",
+            "User states not written because Redis already held one with as many events or more.",
+            registry=registry,
+        )
         self._initialise_labels()
 
     def _initialise_labels(self) -> None:
@@ -105,15 +121,54 @@ class WorkerMetrics:
             self.stage_seconds.labels(stage=stage)
         for component in COMPONENTS:
             self.errors.labels(component=component)
+        for kind in STATE_LOSS_KINDS:
+            self.state_loss.labels(kind=kind)
 
     def track_checkpoint_age(self, last_checkpoint: Callable[[], float]) -> None:
         """Make the checkpoint age gauge read ``time.monotonic() - last_checkpoint()``."""
         self.checkpoint_age.set_function(lambda: time.monotonic() - last_checkpoint())
 
 
-def serve_metrics(address: str, registry: CollectorRegistry):
-    """Start the metrics HTTP server on ``host:port`` in a daemon thread; return the server."""
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        logger.debug("metrics server: " + format, *args)
+
+
+def serve_metrics(
+    address: str,
+    registry: CollectorRegistry,
+    health: Callable[[], tuple[bool, bool, str]] | None = None,
+):
+    """Serve /metrics, /healthz and /readyz on ``host:port`` in a daemon thread; return the server.
+
+    ``health()`` returns (alive, ready, reason). /healthz answers 200 while
+    alive and 503 otherwise; /readyz answers 200 while ready and 503 with the
+    reason otherwise, with JSON bodies. Without ``health`` both answer 200.
+    """
     host, _, port = address.rpartition(":")
-    server, thread = start_http_server(int(port), addr=host, registry=registry)
-    logger.info("Serving Prometheus metrics on http://%s:%s/metrics", host, server.server_port)
+    metrics_app = make_wsgi_app(registry)
+
+    def application(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        alive, ready, reason = health() if health is not None else (True, True, "")
+        ok = alive if path == "/healthz" else ready
+        body = {"status": "ok"} if path == "/healthz" and ok else {"ready": ok, "reason": reason}
+        if path == "/healthz" and not ok:
+            body = {"status": "stalled", "reason": reason}
+        payload = json.dumps(body).encode()
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+        )
+        return [payload]
+
+    server = make_server(host, int(port), application, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="drnn-metrics-http", daemon=True).start()
+    logger.info("Serving Prometheus metrics on http://%s:%s/metrics (and /healthz, /readyz)", host, server.server_port)
     return server

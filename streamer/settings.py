@@ -44,7 +44,23 @@ class Settings:
     poll_timeout_ms: int = _setting(200, "How long one poll waits for records, in milliseconds.", low=0, high=60000)
     auto_offset_reset: str = _setting("earliest", "Where a new group starts reading: earliest or latest.", choices=("earliest", "latest"))
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://); a password in it is never logged.")
+    redis_ssl_ca_certs: str = _setting("", "CA certificate file that verifies the Redis server of a rediss:// URL; empty: the system CAs.")
+    redis_loss_policy: str = _setting(
+        "continue",
+        "What to do when Redis lost its data (its epoch key is gone): continue from the current offsets, "
+        "or rebuild the states by re-reading the assigned partitions from their earliest offset.",
+        choices=("continue", "rebuild"),
+    )
     key_prefix: str = _setting("drnn", "Prefix of every Redis key, so that deployments can share one Redis.")
+    security_protocol: str = _setting(
+        "PLAINTEXT", "Kafka security protocol.", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    sasl_mechanism: str = _setting("", "Kafka SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; empty: none.", choices=("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    sasl_username: str = _setting("", "Kafka SASL user name.")
+    sasl_password: str = _setting("", "Kafka SASL password; never logged.")
+    ssl_cafile: str = _setting("", "CA file that verifies the Kafka brokers; empty: the system CAs.")
+    ssl_certfile: str = _setting("", "Client certificate file for Kafka SSL.")
+    ssl_keyfile: str = _setting("", "Client key file for Kafka SSL.")
     max_message_bytes: int = _setting(65536, "Largest accepted message value in bytes; larger ones are dead-lettered.", low=64, high=16 * 1024 * 1024)
     max_id_length: int = _setting(256, "Longest accepted user or item id in characters.", low=1, high=65536)
     hidden_size: int = _setting(64, "Model hidden size h.", low=1, high=4096)
@@ -102,9 +118,11 @@ class Settings:
         )
 
     def redacted(self) -> dict[str, Any]:
-        """Return the settings as a dict with passwords in URLs replaced by ***, for logs."""
+        """Return the settings as a dict with every password replaced by ***, for logs."""
         values = dataclasses.asdict(self)
         values["redis_url"] = redact_url(self.redis_url)
+        if self.sasl_password:
+            values["sasl_password"] = "***"
         return values
 
 

@@ -16,6 +16,8 @@ so that the first ``:`` ends it and two prefixes never share a key:
     Hash: partition (decimal) -> offset of the last event applied to the states.
 ``{prefix}:users:count``
     String counter: the number of users whose first event was stored.
+``{prefix}:epoch``
+    String: a random id written once; if it disappears, Redis lost its data.
 
 User ids, item ids and topic names are stored as UTF-8.
 """
@@ -23,8 +25,10 @@ User ids, item ids and topic names are stored as UTF-8.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -61,6 +65,91 @@ for i, item_id in ipairs(ARGV) do
 end
 return indexes
 """
+
+
+# KEYS: offsets hash, epoch, user counter, then one key per user state.
+# ARGV: epoch, partition count P, P triples (partition, expected stored offset or "",
+# new offset), new-user count, then per user (blob, "1" to overwrite a corrupt state).
+# The script checks the epoch and every expected offset before it writes anything,
+# so a rejected batch changes nothing. A state whose event count (i64 at byte 10 of
+# the blob) is not greater than the stored one is skipped, never written.
+_COMMIT_BATCH_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if epoch ~= ARGV[1] then
+    return {'epoch_missing', '', epoch or ''}
+end
+local partitions = tonumber(ARGV[2])
+local position = 3
+for i = 1, partitions do
+    local stored = redis.call('HGET', KEYS[1], ARGV[position]) or ''
+    if stored ~= ARGV[position + 1] then
+        return {'offsets_mismatch', ARGV[position], stored}
+    end
+    position = position + 3
+end
+local new_users = tonumber(ARGV[position])
+position = position + 1
+local stale = 0
+for k = 4, #KEYS do
+    local blob = ARGV[position]
+    local write = true
+    if ARGV[position + 1] ~= '1' then
+        local old = redis.call('GET', KEYS[k])
+        if old and string.len(old) == string.len(blob) and string.sub(old, 1, 3) == string.sub(blob, 1, 3) then
+            if struct.unpack('<i8', blob, 11) <= struct.unpack('<i8', old, 11) then
+                write = false
+            end
+        end
+    end
+    if write then
+        redis.call('SET', KEYS[k], blob)
+    else
+        stale = stale + 1
+    end
+    position = position + 2
+end
+position = 3
+for i = 1, partitions do
+    redis.call('HSET', KEYS[1], ARGV[position], ARGV[position + 2])
+    position = position + 3
+end
+local users = ''
+if new_users > 0 then
+    users = tostring(redis.call('INCRBY', KEYS[3], new_users))
+end
+return {'ok', tostring(stale), users}
+"""
+
+COMMIT_OK = "ok"
+COMMIT_EPOCH_MISSING = "epoch_missing"
+COMMIT_OFFSETS_MISMATCH = "offsets_mismatch"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    """Outcome of ``RedisStore.commit_batch``.
+
+    Attributes
+    ----------
+    status : str
+        COMMIT_OK, COMMIT_EPOCH_MISSING (Redis lost the epoch key, so its data)
+        or COMMIT_OFFSETS_MISMATCH (a partition's stored offset differs from the
+        expected one); only COMMIT_OK wrote anything.
+    stale_states : int
+        States skipped because the stored one had as many events or more.
+    known_users : int or None
+        The user counter after the increment, when there were new users.
+    partition : int or None
+        With COMMIT_OFFSETS_MISMATCH, the first partition that differed.
+    stored_offset : int or None
+        With COMMIT_OFFSETS_MISMATCH, the offset Redis holds for it (None if none).
+    """
+
+    status: str
+    stale_states: int = 0
+    known_users: int | None = None
+    partition: int | None = None
+    stored_offset: int | None = None
 
 
 class StoreError(DrnnError):
@@ -102,6 +191,8 @@ class RedisStore:
         self._next_key = f"{prefix}:item:next".encode()
         self._user_key_prefix = f"{prefix}:user:".encode()
         self._users_key = f"{prefix}:users:count".encode()
+        self._epoch_key = f"{prefix}:epoch".encode()
+        self._commit_script = client.register_script(_COMMIT_BATCH_LUA)
         self._allocate_script = client.register_script(_ALLOCATE_ITEMS_LUA)
         self._index_of_item: dict[str, int] = {}
         self._item_of_index: dict[int, str] = {}
@@ -212,6 +303,65 @@ class RedisStore:
                 pipeline.incrby(self._users_key, new_users)
             results = pipeline.execute()
         return int(results[-1]) if new_users else None
+
+    def ensure_epoch(self) -> str:
+        """Return the epoch id of the prefix, creating a random one if it is missing."""
+        with self._redis_errors("read or create the epoch key"):
+            self.client.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            value = self.client.get(self._epoch_key)
+        return value.decode()
+
+    def commit_batch(
+        self,
+        user_ids: Sequence[str],
+        batch: UserStateBatch,
+        *,
+        topic: str,
+        epoch: str,
+        expected_offsets: Mapping[int, int | None],
+        offsets: Mapping[int, int],
+        forced_users: Sequence[str] = (),
+        new_users: int = 0,
+    ) -> CommitResult:
+        """Write a batch's states and applied offsets atomically, fenced by epoch and offsets.
+
+        One Lua script checks that the epoch key still holds ``epoch`` and that
+        each partition of ``offsets`` still holds its ``expected_offsets`` value
+        (None: no offset stored). Only then does it write the states, skipping
+        each state whose event count is not greater than the stored one (unless
+        the user is in ``forced_users``, whose stored state was corrupt), set the
+        new offsets and add ``new_users`` to the user counter.
+
+        Raises
+        ------
+        StoreError
+            If Redis fails; nothing or everything was written, because Redis runs
+            a script atomically.
+        """
+        if len(user_ids) != batch.size:
+            raise StoreArgumentError(
+                f"Cannot commit states: got {len(user_ids)} user ids for {batch.size} batch rows"
+            )
+
+        forced = set(forced_users)
+        args: list = [epoch, len(offsets)]
+        for partition, offset in offsets.items():
+            expected = expected_offsets.get(partition)
+            args += [str(int(partition)), "" if expected is None else str(int(expected)), str(int(offset))]
+        args.append(int(new_users))
+        for user_id, blob in zip(user_ids, encode_states(batch)):
+            args += [blob, "1" if user_id in forced else "0"]
+        keys = [self.offsets_key(topic), self._epoch_key, self._users_key]
+        keys += [self.user_key(user_id) for user_id in user_ids]
+
+        action = f"commit the states of {len(user_ids)} users and {len(offsets)} offsets of topic {topic!r}"
+        with self._redis_errors(action):
+            status, first, second = (part.decode() for part in self._commit_script(keys=keys, args=args))
+        if status == COMMIT_OK:
+            return CommitResult(COMMIT_OK, stale_states=int(first), known_users=int(second) if second else None)
+        if status == COMMIT_OFFSETS_MISMATCH:
+            return CommitResult(status, partition=int(first), stored_offset=int(second) if second else None)
+        return CommitResult(status)
 
     def user_count(self) -> int:
         """Return the number of users stored under the prefix, from the counter save_states keeps."""

@@ -40,10 +40,11 @@ from streamer.kafka_io import DeadLetterSender, RebalanceListener, source_label
 from streamer.metrics import WorkerMetrics
 from streamer.ratelimit import RateLimitedLogger
 from streamer.settings import Settings
-from streamer.store import RedisStore, StoreError
+from streamer.store import COMMIT_EPOCH_MISSING, COMMIT_OK, RedisStore, StoreError
 
 logger = logging.getLogger(__name__)
 
+_REJECTED = object()
 RETRY_INITIAL_S = 0.1
 RETRY_MAX_S = 5.0
 LAG_REFRESH_S = 1.0
@@ -142,6 +143,11 @@ class Worker:
         self._last_lag_refresh = 0.0
         self._last_records = time.monotonic()
         self._lag: dict[TopicPartition, int | None] = {}
+        self._stored_offsets: dict[int, int | None] = {}
+        self._epoch = ""
+        self._ready = False
+        self._not_ready_reason = "starting"
+        self._last_loop = time.monotonic()
         metrics.track_checkpoint_age(lambda: self._last_checkpoint)
 
     def request_stop(self) -> None:
@@ -169,6 +175,7 @@ class Worker:
         on_batch : callable, optional
             Called with the totals after every processed batch (progress display).
         """
+        self._epoch = self._retry("read or create the epoch", "redis", self.store.ensure_epoch, StoreError)
         listener = RebalanceListener(self._on_assigned, self._on_revoked)
         self.consumer.subscribe([self.settings.topic], listener=listener)
         logger.info(
@@ -176,10 +183,11 @@ class Worker:
             self.settings.topic, self.settings.group_id, self.settings.key_prefix,
             self.model.config.hidden_size, self.model.config.window,
         )
-        self.metrics.ready.set(1)
+        self._set_ready(True)
         self._publish_store_sizes()
         try:
             while not self._stop.is_set():
+                self._last_loop = time.monotonic()
                 records = self._poll()
                 if records:
                     self.process(records)
@@ -218,10 +226,14 @@ class Worker:
         return records
 
     def process(self, records: list) -> BatchResult | None:
-        """Apply one polled batch and commit it; see the module docstring for the stages."""
+        """Apply one polled batch and commit it; see the module docstring for the stages.
+
+        Returns the kernel's per-event result, or None when the batch had no
+        valid event or Redis rejected it (its offsets are then not committed and
+        the partitions were moved back to what Redis holds).
+        """
         self.metrics.events_consumed.inc(len(records))
         self.metrics.batch_events.observe(len(records))
-        self.totals.consumed += len(records)
 
         with self._stage("decode"):
             decoded = self._decode(records)
@@ -229,22 +241,16 @@ class Worker:
         with self._stage("dead_letter"):
             self._retry("send dead letters", "dead_letter", self.dead_letters.flush, KafkaIOError)
 
-        result = None
-        if decoded.user_ids:
-            result = self._apply(decoded)
-
-        if not decoded.user_ids and decoded.last_offsets:
-            with self._stage("state_store"):
-                self._retry(
-                    "store applied offsets", "redis",
-                    lambda: self.store.save_states([], _empty_states(self.model), topic=self.settings.topic, offsets=decoded.last_offsets),
-                    StoreError,
-                )
+        applied = self._apply(decoded)
+        if applied is _REJECTED:
+            return None
 
         with self._stage("commit"):
             self._commit(decoded.last_offsets)
+        self.totals.consumed += len(records)
+        self.totals.invalid += decoded.invalid
         self.totals.batches += 1
-        return result
+        return applied
 
     def _decode(self, records: list) -> DecodedBatch:
         users, items, partitions, offsets = [], [], [], []
@@ -263,7 +269,6 @@ class Worker:
             partitions.append(record.partition)
             offsets.append(record.offset)
 
-        self.totals.invalid += invalid
         return DecodedBatch(
             user_ids=users,
             item_ids=items,
@@ -282,40 +287,127 @@ class Worker:
         )
         self.dead_letters.send(record, error.reason, error.detail)
 
-    def _apply(self, decoded: DecodedBatch) -> BatchResult:
+    def _apply(self, decoded: DecodedBatch):
+        """Load, train and store a batch; return its BatchResult, None, or _REJECTED."""
         slot_of: dict[str, int] = {}
         slots = np.fromiter(
             (slot_of.setdefault(user, len(slot_of)) for user in decoded.user_ids),
             dtype=np.int32, count=len(decoded.user_ids),
         )
         user_ids = list(slot_of)
+        result, states, corrupt, new_users, items = None, _empty_states(self.model), [], 0, None
 
-        with self._stage("state_load"):
-            items = self._retry("allocate item indexes", "redis", lambda: self.store.allocate_items(decoded.item_ids), StoreError)
-            states, corrupt = self._retry("load user states", "redis", lambda: self.store.load_states(user_ids), StoreError)
-        if corrupt:
-            self.metrics.corrupt_states.inc(len(corrupt))
-            self.metrics.errors.labels(component="state").inc(len(corrupt))
+        if user_ids:
+            with self._stage("state_load"):
+                items = self._retry("allocate item indexes", "redis", lambda: self.store.allocate_items(decoded.item_ids), StoreError)
+                states, corrupt = self._retry("load user states", "redis", lambda: self.store.load_states(user_ids), StoreError)
+            if corrupt:
+                self.metrics.corrupt_states.inc(len(corrupt))
+                self.metrics.errors.labels(component="state").inc(len(corrupt))
 
-        with self._stage("compute"):
-            was_new = states.count == 0
-            result = self.model.train_batch(
-                states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate
-            )
-            new_users = int(np.count_nonzero(was_new & (states.count > 0)))
+            with self._stage("compute"):
+                was_new = states.count == 0
+                result = self.model.train_batch(
+                    states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate
+                )
+                new_users = int(np.count_nonzero(was_new & (states.count > 0)))
 
         with self._stage("state_store"):
-            known_users = self._retry(
+            outcome = self._store(user_ids, states, decoded.last_offsets, corrupt, new_users)
+        if outcome is _REJECTED:
+            return _REJECTED
+
+        if outcome.known_users is not None:
+            self.metrics.known_users.set(outcome.known_users)
+        if outcome.stale_states:
+            self.metrics.stale_writes.inc(outcome.stale_states)
+            self._log.log(
+                logging.WARNING, "stale",
+                "Skipped %d stale state writes: Redis already held newer states of those users",
+                outcome.stale_states,
+            )
+        if result is not None:
+            self._record(result, vocabulary=int(items.max()) + 1)
+        return result
+
+    def _store(self, user_ids, states, last_offsets, corrupt, new_users):
+        """Commit states and offsets fenced by the epoch and the expected offsets.
+
+        Returns the CommitResult, or _REJECTED after Redis was found to have
+        lost data or another worker wrote the partition (see ``_resync``).
+        """
+        for _ in range(2):
+            expected = {partition: self._stored_offsets.get(partition) for partition in last_offsets}
+            outcome = self._retry(
                 "store user states", "redis",
-                lambda: self.store.save_states(
-                    user_ids, states, topic=self.settings.topic, offsets=decoded.last_offsets, new_users=new_users
+                lambda: self.store.commit_batch(
+                    user_ids, states, topic=self.settings.topic, epoch=self._epoch,
+                    expected_offsets=expected, offsets=last_offsets, forced_users=corrupt, new_users=new_users,
                 ),
                 StoreError,
             )
-        if known_users is not None:
-            self.metrics.known_users.set(known_users)
-        self._record(result, vocabulary=int(items.max()) + 1)
-        return result
+            if outcome.status == COMMIT_OK:
+                self._stored_offsets.update(last_offsets)
+                return outcome
+            if outcome.status == COMMIT_EPOCH_MISSING:
+                if not self._recover_lost_redis():
+                    return _REJECTED
+                continue
+            self._resync(outcome)
+            return _REJECTED
+        return _REJECTED
+
+    def _recover_lost_redis(self) -> bool:
+        """Handle an empty Redis by the configured policy; return whether to retry the batch's write."""
+        self.metrics.state_loss.labels(kind="epoch_missing").inc()
+        policy = self.settings.redis_loss_policy
+        logger.error(
+            "Redis lost its data: the epoch key %s:epoch is gone, so every user state and applied offset "
+            "under the prefix was lost. Following redis_loss_policy=%s", self.settings.key_prefix, policy,
+        )
+        self._epoch = self._retry("create a new epoch", "redis", self.store.ensure_epoch, StoreError)
+        self._stored_offsets = {}
+        if policy == "continue":
+            return True
+
+        assigned = list(self.consumer.assignment())
+        self.consumer.seek_to_beginning(*assigned)
+        logger.error("Rebuilding the states: re-reading partitions %s from their earliest offset",
+                     sorted(tp.partition for tp in assigned))
+        return False
+
+    def _resync(self, outcome) -> None:
+        """Move every assigned partition back to the offset Redis holds after a fenced write was rejected."""
+        expected = self._stored_offsets.get(outcome.partition)
+        behind = outcome.stored_offset is None or (expected is not None and outcome.stored_offset < expected)
+        if behind:
+            self.metrics.state_loss.labels(kind="offsets_behind").inc()
+            logger.error(
+                "Redis holds offset %s for %s but this worker stored %s: Redis lost its last writes. "
+                "Re-reading from the offsets Redis holds",
+                outcome.stored_offset, source_label(self.settings.topic, outcome.partition, expected or -1), expected,
+            )
+        else:
+            self.metrics.errors.labels(component="redis").inc()
+            logger.warning(
+                "Redis holds offset %s for partition %d, newer than %s: another worker wrote it. "
+                "Moving to the offsets Redis holds", outcome.stored_offset, outcome.partition, expected,
+            )
+        self._seek_to_stored(self.consumer.assignment())
+
+    def _seek_to_stored(self, partitions) -> None:
+        """Seek each partition after the offset Redis holds for it, and expect that offset from now on."""
+        applied = self._retry(
+            "read the applied offsets", "redis", lambda: self.store.load_offsets(self.settings.topic), StoreError
+        )
+        for tp in sorted(partitions):
+            stored = applied.get(tp.partition)
+            self._stored_offsets[tp.partition] = stored
+            if stored is not None:
+                self.consumer.seek(tp, stored + 1)
+                logger.info("Resuming %s after the last applied offset", source_label(tp.topic, tp.partition, stored))
+            elif self.settings.redis_loss_policy == "rebuild":
+                self.consumer.seek_to_beginning(tp)
 
     def _record(self, result: BatchResult, vocabulary: int) -> None:
         totals, metrics = self.totals, self.metrics
@@ -388,7 +480,7 @@ class Worker:
             except errors as exc:
                 attempt += 1
                 self.metrics.errors.labels(component=component).inc()
-                self.metrics.ready.set(0)
+                self._set_ready(False, f"failed to {action}: {exc}")
                 self._log.log(
                     logging.WARNING, f"retry:{action}",
                     "Failed to %s (attempt %d, retrying in %.1f s): %s", action, attempt, delay, exc,
@@ -399,8 +491,28 @@ class Worker:
                 continue
             if attempt:
                 logger.info("Recovered: %s succeeded after %d failed attempts", action, attempt)
-                self.metrics.ready.set(1)
+                self._set_ready(True)
             return result
+
+    def _set_ready(self, ready: bool, reason: str = "") -> None:
+        self._ready = ready
+        self._not_ready_reason = reason
+        self.metrics.ready.set(1 if ready else 0)
+
+    def health(self) -> tuple[bool, bool, str]:
+        """Return (alive, ready, reason) for the /healthz and /readyz endpoints.
+
+        Alive unless the loop has not run for max_poll_interval_ms while no
+        retry was under way (a stuck batch). Ready while alive, subscribed and
+        not retrying a failed store operation.
+        """
+        waited_s = time.monotonic() - self._last_loop
+        alive = waited_s < self.settings.max_poll_interval_ms / 1000.0 or not self._ready
+        if not alive:
+            return False, False, f"the worker loop has not run for {waited_s:.0f} s"
+        if self._stop.is_set():
+            return True, False, "stopping"
+        return True, self._ready, self._not_ready_reason
 
     def _on_assigned(self, partitions) -> None:
         partitions = sorted(partitions)
@@ -412,18 +524,24 @@ class Worker:
             applied = self.store.load_offsets(self.settings.topic)
         except StoreError as exc:
             self.metrics.errors.labels(component="redis").inc()
-            logger.error("Failed to read the applied offsets at assignment, keeping committed offsets: %s", exc)
+            logger.error(
+                "Failed to read the applied offsets at assignment, starting from the committed offsets; "
+                "the first write will resynchronise if Redis holds others: %s", exc,
+            )
             return
         for tp in partitions:
-            if tp.partition in applied:
-                self.consumer.seek(tp, applied[tp.partition] + 1)
-                logger.info("Resuming %s after the last applied offset %d", source_label(tp.topic, tp.partition, applied[tp.partition]), applied[tp.partition])
+            stored = applied.get(tp.partition)
+            self._stored_offsets[tp.partition] = stored
+            if stored is not None:
+                self.consumer.seek(tp, stored + 1)
+                logger.info("Resuming %s after the last applied offset", source_label(tp.topic, tp.partition, stored))
 
     def _on_revoked(self, partitions) -> None:
         partitions = sorted(partitions)
         if partitions:
             logger.info("Revoked partitions %s; every processed batch is already committed", [tp.partition for tp in partitions])
         for tp in partitions:
+            self._stored_offsets.pop(tp.partition, None)
             if self._lag.pop(tp, None) is not None:
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
 
@@ -472,7 +590,7 @@ class Worker:
 
     def _shutdown(self) -> None:
         self._maybe_checkpoint(force=self._events_since_checkpoint > 0)
-        self.metrics.ready.set(0)
+        self._set_ready(False, "stopped")
         try:
             self.consumer.close(autocommit=False)
             self.dead_letters.close()
