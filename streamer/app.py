@@ -57,15 +57,15 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
 
     store = make_store(settings)
     checkpoints = CheckpointStore(settings.checkpoint_dir, settings.checkpoints_kept)
+    checkpoints.check_writable()
     model = load_model(settings, checkpoints)
-    model.ensure_capacity(store.item_count())
 
     consumer = make_consumer(settings)
-    producer = make_producer(settings)
+    producer = make_producer(settings, max_request_size=max(1 << 20, settings.max_message_bytes + (64 << 10)))
     worker = Worker(
         settings=settings,
         consumer=consumer,
-        dead_letters=DeadLetterSender(producer, settings.dead_letter_topic),
+        dead_letters=DeadLetterSender(producer, settings.dead_letter_topic, settings.max_message_bytes),
         store=store,
         model=model,
         checkpoints=checkpoints,

@@ -42,6 +42,25 @@ class CheckpointStore:
         ordered = sorted((match.group(1), path) for path, match in named if match)
         return [path for _, path in reversed(ordered)]
 
+    def check_writable(self) -> None:
+        """Create the directory and write and delete a probe file in it.
+
+        Raises
+        ------
+        CheckpointError
+            If that fails, so a bad checkpoint_dir stops the worker at start,
+            not at its first checkpoint.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise CheckpointError(
+                f"Invalid checkpoint_dir={str(self.directory)!r}: cannot write there ({exc}). "
+                "Point --checkpoint-dir / DRNN_CHECKPOINT_DIR to a writable directory."
+            ) from exc
+
     def save(self, model: RecurrentBPR, events_applied: int) -> Path:
         """Write the model atomically (temporary file, fsync, rename), then prune old files.
 
@@ -75,21 +94,27 @@ class CheckpointStore:
         Raises
         ------
         CheckpointError
-            If a checkpoint has another hidden_size or window than the settings.
+            If a checkpoint has another hidden_size or window than the settings,
+            or if every checkpoint is damaged (a new model would silently
+            replace the trained one).
         """
+        damaged = []
         for path in self.paths():
             try:
                 model = RecurrentBPR.from_bytes(path.read_bytes(), config)
             except ModelShapeError as exc:
                 raise CheckpointError(f"Checkpoint {path} does not fit the settings: {exc}") from exc
-            except ModelFormatError as exc:
+            except (ModelFormatError, OSError) as exc:
                 logger.error("Skipping damaged checkpoint %s: %s", path, exc)
-                continue
-            except OSError as exc:
-                logger.error("Skipping unreadable checkpoint %s: %s", path, exc)
+                damaged.append(path)
                 continue
             logger.info("Loaded checkpoint %s (%d known items)", path, model.known_items)
             return model, path
+        if damaged:
+            raise CheckpointError(
+                f"No readable checkpoint in {self.directory}: all {len(damaged)} are damaged. "
+                "Move them away to start a new model, or restore a good checkpoint."
+            )
         return None
 
     def _prune(self) -> None:

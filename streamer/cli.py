@@ -7,11 +7,13 @@ import logging
 import signal
 import sys
 
+from kafka.errors import KafkaError
+
 from drnn_core.errors import DrnnError
 from streamer.datasets import FORMATS, Message, read_interactions, read_messages
 from streamer.events import encode_event
 from streamer.serve import add_recommend_command, add_serve_command
-from streamer.settings import Settings, add_arguments, load_settings
+from streamer.settings import Settings, add_arguments, load_settings, unknown_environment_variables
 
 logger = logging.getLogger("streamer.cli")
 
@@ -27,10 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     except DrnnError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_level)
+    for name in unknown_environment_variables():
+        logger.warning("Ignoring unknown environment variable %s: no setting has that name (see --help)", name)
     try:
         return args.run(settings, args)
     except DrnnError as exc:
         logger.error("%s", exc)
+        return 1
+    except KafkaError as exc:
+        logger.error(
+            "Failed to reach Kafka at %s: %r. Check bootstrap_servers (--bootstrap-servers / "
+            "DRNN_BOOTSTRAP_SERVERS) and that the broker is up.", settings.bootstrap_servers, exc,
+        )
         return 1
     except KeyboardInterrupt:
         logger.warning("Interrupted a second time: stopped without finishing the batch in hand")
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="Start a local broker and Redis, replay a dataset, train until it is consumed, print a summary."
     )
     _add_dataset_arguments(demo, required=False)
-    demo.add_argument("--partitions", type=int, default=4, help="Partitions of the demo topic. Default: 4.")
+    demo.add_argument("--partitions", type=_positive_int, default=4, help="Partitions of the demo topic. Default: 4.")
     demo.add_argument("--summary-json", metavar="FILE", help="Also write the summary as a JSON object to FILE.")
     add_arguments(demo)
     demo.set_defaults(run=run_demo_command)
@@ -73,12 +83,26 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, *, required: bool) -
         "--dataset", metavar="PATH", required=required,
         help="Dataset file." + ("" if required else " Default: a generated stream of 20,000 events."),
     )
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="Format of the dataset file.")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="Format of the dataset file; required with --dataset.")
     parser.add_argument(
-        "--speed", type=float, default=0.0,
+        "--speed", type=_non_negative_float, default=0.0,
         help="0 sends as fast as possible; S > 0 divides the gaps between event times by S. Default: 0.",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bars.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a finite number >= 0")
+    return value
 
 
 def configure_logging(level: str) -> None:
@@ -86,6 +110,9 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.WARNING)
+        # Warns about its own event loop whenever a send or poll takes over 100 ms, which a
+        # Numba batch on the other thread makes routine; real failures still log at ERROR.
+        logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def install_signal_handlers(stop) -> None:
@@ -110,6 +137,9 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     worker = build_worker(settings)
     install_signal_handlers(worker.request_stop)
     worker.run()
+    if worker.checkpoint_failed:
+        logger.error("Stopped without a final checkpoint: the model learned since the last one is lost")
+        return 1
     return 0
 
 
@@ -145,6 +175,8 @@ def run_demo_command(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.dataset is not None:
         _require_format(args)
+    if args.speed > 0 and args.fmt == "jsonl":
+        raise DrnnError("--speed needs event times, which --format jsonl does not provide; drop --speed")
     summary = run_demo(
         settings,
         dataset=args.dataset,
@@ -153,6 +185,7 @@ def run_demo_command(settings: Settings, args: argparse.Namespace) -> int:
         partitions=args.partitions,
         summary_json=args.summary_json,
         progress=args.progress,
+        on_worker=lambda worker: install_signal_handlers(worker.request_stop),
     )
     print(summary.as_text())
     return 0 if summary.user_count_mismatches == 0 else 1

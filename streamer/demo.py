@@ -11,9 +11,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from drnn_core.errors import DrnnError
 from streamer.app import build_worker
 from streamer.datasets import Message, read_interactions, read_messages, synthetic_interactions
 from streamer.embedded import create_topic, start_redis, start_tansu
@@ -21,7 +23,7 @@ from streamer.events import DecodeLimits, InvalidEventError, decode_event, encod
 from streamer.kafka_io import make_producer
 from streamer.replay import replay_messages
 from streamer.settings import Settings
-from streamer.worker import Totals
+from streamer.worker import Totals, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +101,27 @@ def run_demo(
     partitions: int = DEMO_PARTITIONS,
     summary_json: str | None = None,
     progress: bool = True,
+    on_worker: Callable[[Worker], None] | None = None,
 ) -> DemoSummary:
     """Start the local servers, replay the dataset, run the worker until it has read every message.
 
     ``settings`` supplies the model and worker options; the broker, Redis URL,
-    group and checkpoint directory are replaced by the demo's own.
+    checkpoint directory and a default metrics address are replaced by the
+    demo's own, and the session timeout is capped at 6 s for fast group joins.
+    ``on_worker`` is called with the worker before it starts (the CLI installs
+    its signal handlers there).
+
+    Raises
+    ------
+    DrnnError
+        If the dataset has no events.
     """
     name, messages, timestamps = load_demo_messages(dataset, fmt)
-    limits = DecodeLimits(max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length)
+    if not messages:
+        raise DrnnError(f"Dataset {name} has no events: check the file and --format")
+    limits = DecodeLimits(
+        max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length, require_key=True
+    )
     expected = expected_user_counts(messages, limits)
 
     with contextlib.ExitStack() as stack:
@@ -125,6 +140,8 @@ def run_demo(
             metrics_address=_demo_metrics_address(settings.metrics_address),
         )
         worker = build_worker(settings)
+        if on_worker is not None:
+            on_worker(worker)
         totals, rate = _replay_and_consume(settings, worker, messages, timestamps, speed, progress)
 
         counts = {user: count for user, count, _, _ in worker.store.iter_user_states()}

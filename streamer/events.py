@@ -55,6 +55,7 @@ class InvalidReason(str, enum.Enum):
     NON_FINITE_TS = "non_finite_ts"
     NEGATIVE_TS = "negative_ts"
     KEY_MISMATCH = "key_mismatch"
+    MISSING_KEY = "missing_key"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,10 +69,16 @@ class DecodeLimits:
     max_id_length : int
         Maximum length of a user or item id in characters, counted after an
         integer id is converted with ``str`` (default 256).
+    require_key : bool
+        Reject a message without a key as MISSING_KEY (default False). The
+        worker sets it, because a keyless message may land in another
+        partition than its user's other events, and the per-user
+        (partition, offset) replay check only holds within one partition.
     """
 
     max_message_bytes: int = 65536
     max_id_length: int = 256
+    require_key: bool = False
 
 
 _DEFAULT_LIMITS = DecodeLimits()
@@ -150,6 +157,7 @@ def decode_event(
        float), NEGATIVE_TS.
     6. KEY_MISMATCH if ``key`` is not None and differs from the UTF-8 bytes of
        the canonical user id. A key of ``b""`` counts as present.
+       MISSING_KEY if ``key`` is None and ``limits.require_key`` is set.
 
     Integer ids become ``str(int)``. String ids are kept exactly, without
     stripping. Fields other than user_id, item_id and ts are ignored.
@@ -185,6 +193,11 @@ def decode_event(
         raise InvalidEventError(
             InvalidReason.KEY_MISMATCH,
             f"key {_preview_bytes(key)} differs from user_id {_preview(user_id)}",
+        )
+    if key is None and limits.require_key:
+        raise InvalidEventError(
+            InvalidReason.MISSING_KEY,
+            f"message has no key; produce it with the user id {_preview(user_id)} as the key",
         )
     return Event(user_id, item_id, ts)
 
@@ -283,7 +296,7 @@ def _parse_object(value: bytes | None, limits: DecodeLimits) -> dict:
     if not isinstance(document, dict):
         raise InvalidEventError(
             InvalidReason.NOT_OBJECT,
-            f"value is JSON {_kind(document)}, expected an object with user_id and item_id",
+            f"value is {_kind(document)} in JSON, expected an object with user_id and item_id",
         )
     return document
 

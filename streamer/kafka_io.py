@@ -6,6 +6,7 @@ import logging
 from typing import Callable, Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from streamer.errors import KafkaIOError
@@ -71,14 +72,19 @@ def source_label(topic: str, partition: int, offset: int) -> str:
 class DeadLetterSender:
     """Copies invalid messages to the dead-letter topic with the reason and source in headers.
 
-    Sends are asynchronous; ``flush`` waits for every one and raises if any failed,
-    so the worker commits offsets only after its dead letters are stored.
+    A value longer than ``max_value_bytes`` is cut to that length, with its
+    original length in the ``drnn.original_size`` header, so that one huge
+    message cannot make the producer reject the copy. Sends are asynchronous;
+    ``flush`` waits for every one, keeps the failed ones for the next call and
+    raises, so the worker retries and commits offsets only after its dead
+    letters are stored.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+    def __init__(self, producer: KafkaProducer, topic: str, max_value_bytes: int = 65536) -> None:
         self._producer = producer
         self._topic = topic
-        self._pending = []
+        self._max_value_bytes = max_value_bytes
+        self._pending: list = []
 
     def send(self, record, reason: InvalidReason, detail: str) -> None:
         """Queue one invalid consumer record for the dead-letter topic."""
@@ -87,32 +93,57 @@ class DeadLetterSender:
             ("drnn.detail", detail.encode("utf-8", "replace")),
             ("drnn.source", source_label(record.topic, record.partition, record.offset).encode()),
         ]
-        future = self._producer.send(self._topic, key=record.key, value=record.value, headers=headers)
-        self._pending.append((future, record))
+        value = record.value
+        if value is not None and len(value) > self._max_value_bytes:
+            headers.append(("drnn.original_size", str(len(value)).encode()))
+            value = value[: self._max_value_bytes]
+        self._send(record, value, headers)
+
+    def _send(self, record, value, headers) -> None:
+        try:
+            future = self._producer.send(self._topic, key=record.key, value=value, headers=headers)
+        except KafkaError as exc:
+            future = exc
+        self._pending.append((future, record, value, headers))
 
     def flush(self, timeout_s: float = 30.0) -> int:
-        """Wait for the queued dead letters; return how many were sent.
+        """Wait for the queued dead letters; return how many were stored.
 
         Raises
         ------
         KafkaIOError
-            If any of them failed, naming the source position of the first failure.
+            If any of them failed, naming the source position of the first
+            failure. The failed ones are sent again by the next call.
         """
         if not self._pending:
             return 0
-        self._producer.flush(timeout=timeout_s)
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            raise KafkaIOError(
+                f"Failed to flush {len(self._pending)} dead letters to topic {self._topic!r}: {exc!r}. "
+                "Check that the broker is reachable."
+            ) from exc
+
         pending, self._pending = self._pending, []
-        for future, record in pending:
+        failed = []
+        for future, record, value, headers in pending:
             try:
+                if isinstance(future, Exception):
+                    raise future
                 future.get(timeout=timeout_s)
             except Exception as exc:
-                raise KafkaIOError(
-                    f"Failed to send a dead letter to topic {self._topic!r} for "
-                    f"{source_label(record.topic, record.partition, record.offset)}: {exc}. "
-                    "Check that the dead-letter topic exists and the broker is reachable."
-                ) from exc
+                failed.append((record, value, headers, exc))
+        for record, value, headers, _ in failed:
+            self._send(record, value, headers)
+        if failed:
+            record, _, _, exc = failed[0]
+            raise KafkaIOError(
+                f"Failed to send {len(failed)} dead letters to topic {self._topic!r}, the first for "
+                f"{source_label(record.topic, record.partition, record.offset)}: {exc!r}. "
+                "Check that the dead-letter topic exists and the broker is reachable."
+            ) from exc
         return len(pending)
-
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush what is queued and close the producer."""

@@ -12,6 +12,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from drnn_core.errors import ConfigError
 from streamer.events import InvalidReason
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,13 @@ def serve_metrics(
         )
         return [payload]
 
-    server = make_server(host, int(port), application, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, int(port), application, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise ConfigError(
+            f"Invalid metrics_address={address!r}: cannot listen there ({exc}). Choose a free local address with "
+            "--metrics-address / DRNN_METRICS_ADDRESS, or set it empty to disable the endpoint."
+        ) from exc
     threading.Thread(target=server.serve_forever, name="drnn-metrics-http", daemon=True).start()
     logger.info("Serving Prometheus metrics on http://%s:%s/metrics (and /healthz, /readyz)", host, server.server_port)
     return server

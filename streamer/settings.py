@@ -19,6 +19,7 @@ from drnn_core.errors import ConfigError
 
 ENV_PREFIX = "DRNN_"
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9._\-]{1,249}")
 
 
 def _setting(default: Any, help: str, **limits: Any) -> Any:
@@ -92,6 +93,12 @@ class Settings:
                 f"Invalid key_prefix={self.key_prefix!r} (--key-prefix / DRNN_KEY_PREFIX): use one or more "
                 "letters, digits, '_', '.' or '-', so that it cannot overlap another prefix"
             )
+        for name in ("topic", "dead_letter_topic"):
+            if not TOPIC_PATTERN.fullmatch(getattr(self, name)):
+                raise ConfigError(
+                    f"Invalid {name}={getattr(self, name)!r} (--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}): "
+                    "a Kafka topic name is 1 to 249 letters, digits, '.', '_' or '-'"
+                )
         if not self.topic or self.topic == self.dead_letter_topic:
             raise ConfigError(
                 f"Invalid topic={self.topic!r} and dead_letter_topic={self.dead_letter_topic!r}: "
@@ -136,14 +143,22 @@ def _field_of(message: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL by ***."""
+    """Replace the password of a URL, in its user info or a ``password`` query parameter, by ***."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if has_password else netloc
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = [(name, "***" if name.lower() == "password" else value) for name, value in query]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
+
+
+def unknown_environment_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Return the DRNN_* environment variables that name no setting, such as misspellings."""
+    environ = os.environ if environ is None else environ
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in ENV_VARS)
 
 
 def _validate_field(field: dataclasses.Field, value: Any) -> None:

@@ -18,6 +18,8 @@ so that the first ``:`` ends it and two prefixes never share a key:
     String counter: the number of users whose first event was stored.
 ``{prefix}:epoch``
     String: a random id written once; if it disappears, Redis lost its data.
+``{prefix}:layout``
+    String "h,K": the state layout of the prefix, checked at start.
 
 User ids, item ids and topic names are stored as UTF-8.
 """
@@ -72,7 +74,8 @@ return indexes
 # new offset), new-user count, then per user (blob, "1" to overwrite a corrupt state).
 # The script checks the epoch and every expected offset before it writes anything,
 # so a rejected batch changes nothing. A state whose event count (i64 at byte 10 of
-# the blob) is not greater than the stored one is skipped, never written.
+# the blob) is not greater than the stored one is skipped, never written, and an
+# applied offset never moves back.
 _COMMIT_BATCH_LUA = """
 local epoch = redis.call('GET', KEYS[2])
 if epoch ~= ARGV[1] then
@@ -110,7 +113,9 @@ for k = 4, #KEYS do
 end
 position = 3
 for i = 1, partitions do
-    redis.call('HSET', KEYS[1], ARGV[position], ARGV[position + 2])
+    if ARGV[position + 1] == '' or tonumber(ARGV[position + 2]) > tonumber(ARGV[position + 1]) then
+        redis.call('HSET', KEYS[1], ARGV[position], ARGV[position + 2])
+    end
     position = position + 3
 end
 local users = ''
@@ -303,6 +308,28 @@ class RedisStore:
                 pipeline.incrby(self._users_key, new_users)
             results = pipeline.execute()
         return int(results[-1]) if new_users else None
+
+    def check_layout(self) -> None:
+        """Record h and K under ``{prefix}:layout`` on first use, and raise if they differ later.
+
+        Raises
+        ------
+        ConfigError
+            If the prefix holds states of another hidden size or window, which
+            would all be reset as corrupt.
+        """
+        layout = f"{self.hidden_size},{self.window}"
+        key = f"{self.prefix}:layout".encode()
+        with self._redis_errors("read or record the state layout"):
+            self.client.set(key, layout, nx=True)
+            stored = self.client.get(key).decode()
+        if stored != layout:
+            size, window = stored.split(",")
+            raise ConfigError(
+                f"Redis prefix {self.prefix!r} holds states with hidden_size={size} and window={window}, "
+                f"but the settings ask for hidden_size={self.hidden_size} and window={self.window}. "
+                "Use the stored values, or another key_prefix for a new model."
+            )
 
     def ensure_epoch(self) -> str:
         """Return the epoch id of the prefix, creating a random one if it is missing."""

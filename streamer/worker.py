@@ -134,7 +134,7 @@ class Worker:
         self.metrics = metrics
         self.totals = Totals()
         self.limits = DecodeLimits(
-            max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length
+            max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length, require_key=True
         )
         self._stop = threading.Event()
         self._log = RateLimitedLogger(logger)
@@ -144,6 +144,7 @@ class Worker:
         self._last_records = time.monotonic()
         self._lag: dict[TopicPartition, int | None] = {}
         self._stored_offsets: dict[int, int | None] = {}
+        self.checkpoint_failed = False
         self._epoch = ""
         self._ready = False
         self._not_ready_reason = "starting"
@@ -175,6 +176,8 @@ class Worker:
         on_batch : callable, optional
             Called with the totals after every processed batch (progress display).
         """
+        self._retry("check the state layout", "redis", self.store.check_layout, StoreError)
+        self.model.ensure_capacity(self._retry("read the item count", "redis", self.store.item_count, StoreError))
         self._epoch = self._retry("read or create the epoch", "redis", self.store.ensure_epoch, StoreError)
         listener = RebalanceListener(self._on_assigned, self._on_revoked)
         self.consumer.subscribe([self.settings.topic], listener=listener)
@@ -215,6 +218,12 @@ class Worker:
         self.metrics.known_items.set(self.model.known_items)
 
     def _poll(self) -> list:
+        if not self.consumer.assignment():
+            self._log.log(
+                logging.INFO, "unassigned",
+                "Waiting for a partition assignment of topic %s in group %s",
+                self.settings.topic, self.settings.group_id,
+            )
         with self._stage("poll"):
             polled = self.consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
@@ -307,6 +316,8 @@ class Worker:
 
             with self._stage("compute"):
                 was_new = states.count == 0
+                if corrupt:
+                    was_new[[slot_of[user] for user in corrupt]] = False
                 result = self.model.train_batch(
                     states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate
                 )
@@ -347,7 +358,9 @@ class Worker:
                 StoreError,
             )
             if outcome.status == COMMIT_OK:
-                self._stored_offsets.update(last_offsets)
+                for partition, offset in last_offsets.items():
+                    previous = self._stored_offsets.get(partition)
+                    self._stored_offsets[partition] = offset if previous is None else max(previous, offset)
                 return outcome
             if outcome.status == COMMIT_EPOCH_MISSING:
                 if not self._recover_lost_redis():
@@ -539,7 +552,7 @@ class Worker:
     def _on_revoked(self, partitions) -> None:
         partitions = sorted(partitions)
         if partitions:
-            logger.info("Revoked partitions %s; every processed batch is already committed", [tp.partition for tp in partitions])
+            logger.info("Revoked partitions %s", [tp.partition for tp in partitions])
         for tp in partitions:
             self._stored_offsets.pop(tp.partition, None)
             if self._lag.pop(tp, None) is not None:
@@ -577,14 +590,15 @@ class Worker:
         if not (force or due_by_count or due_by_time):
             return
         if not force and self._events_since_checkpoint == 0:
-            self._last_checkpoint = time.monotonic()
             return
         try:
             self.checkpoints.save(self.model, self.totals.trained)
         except CheckpointError as exc:
             self.metrics.errors.labels(component="checkpoint").inc()
+            self.checkpoint_failed = True
             logger.error("%s", exc)
             return
+        self.checkpoint_failed = False
         self._last_checkpoint = time.monotonic()
         self._events_since_checkpoint = 0
 

@@ -98,6 +98,9 @@ REASON_CASES = [
     (R.KEY_MISMATCH, _value(user_id=42, item_id="a"), b"042"),
     (R.KEY_MISMATCH, _value(user_id="u1", item_id="a"), b""),
 ]
+KEYED_REASON_CASES = [
+    (R.MISSING_KEY, _value(user_id="u1", item_id="a"), None),
+]
 
 
 @pytest.mark.parametrize(
@@ -109,8 +112,17 @@ def test_decode_event_rejects_with_reason(reason, value, key):
     assert _reason_of(value, key) == reason
 
 
+@pytest.mark.parametrize(("reason", "value", "key"), KEYED_REASON_CASES)
+def test_decode_event_requires_key_when_asked(reason, value, key):
+    assert _reason_of(value, key, DecodeLimits(require_key=True)) == reason
+
+
+def test_decode_event_accepts_keyless_by_default():
+    assert decode_event(_value(user_id="u1", item_id="a"), None).user_id == "u1"
+
+
 def test_decode_event_cases_cover_every_reason():
-    covered = {reason for reason, _, _ in REASON_CASES}
+    covered = {reason for reason, _, _ in REASON_CASES + KEYED_REASON_CASES}
 
     assert covered == set(InvalidReason)
 
