@@ -1,9 +1,9 @@
 """Pop and Markov-1 baselines of the prequential protocol: Numba ranking kernels and plain-Python references.
 
-Both baselines rank an event's item among every known item before they count the
-event, like the model's kernel: the rank is the number of other known items whose
-score is greater than or equal to the item's (ties count against), and an item
-never seen before gets ``RANK_UNKNOWN_ITEM``.
+Like the model's kernel, both baselines rank an event's item among every known
+item before they count the event. The rank is the number of other known items
+whose score is greater than or equal to the item's, so ties count against. An
+item never seen before gets ``RANK_UNKNOWN_ITEM``.
 
 - Pop: score(j) = number of earlier events of j.
 - Markov-1: score(j) = T[p, j] + pop(j) / (1 + max pop), where p is the user's
@@ -67,7 +67,7 @@ def pop_rank(item_count, count_at_least, item):
 
 @njit(types.void(_I64_1D, _I64_1D, types.int64), nogil=True, cache=True)
 def count_item(item_count, count_at_least, item):
-    """Count one event of ``item``; only ``count_at_least[new count]`` changes."""
+    """Count one event of ``item``. Of ``count_at_least``, only the entry of the new count changes."""
     count = item_count[item] + 1
     item_count[item] = count
     count_at_least[count] += 1
@@ -162,13 +162,14 @@ def markov1_ranks(users, items, begin, state, ranks):
     begin : int
         Index of the first event to process.
     state : tuple
-        Updated in place:
-        item_count int64 (n_items,) and count_at_least int64 (>= total events + 2,), as in pop_ranks;
-        last_item int32 (n_users,), each user's previous item or NO_ITEM;
-        list_start, list_length, list_capacity int64 (n_items,), each item's successor list in the pool;
-        pool_item int32 (P,) and pool_count int64 (P,), the successors and their transition counts;
-        pool_meta int64 (2,), ``[POOL_USED]`` entries in use and ``[POOL_NEEDED]``
-        the free entries the first unprocessed event needs.
+        Nine arrays, updated in place:
+
+        - item_count int64 (n_items,) and count_at_least int64 (>= total events + 2,), as in pop_ranks.
+        - last_item int32 (n_users,): each user's previous item, or NO_ITEM.
+        - list_start, list_length, list_capacity int64 (n_items,): each item's successor list in the pool.
+        - pool_item int32 (P,) and pool_count int64 (P,): the successors and their transition counts.
+        - pool_meta int64 (2,): ``pool_meta[POOL_USED]`` is the number of pool entries in use, and
+          ``pool_meta[POOL_NEEDED]`` the free entries that the first unprocessed event needs.
     ranks : ndarray, shape (B,), int64
         Output: the rank of each event's item, RANK_UNKNOWN_ITEM for a new item.
 

@@ -1,6 +1,6 @@
 """Prequential ranking metrics from rank arrays: HR, MRR and NDCG at a cut-off, and sliding-window curves.
 
-A rank array holds one entry per event in stream order: the rank of the event's
+A rank array contains one entry per event in stream order: the rank of the event's
 item before the system learned from the event (0 is the top), or a negative
 value for a miss (an item the system had never seen). Every entry is one event.
 """
@@ -133,7 +133,7 @@ def cutoff_metrics(ranks: np.ndarray, cutoff: int) -> CutoffMetrics:
 def second_half(ranks: np.ndarray) -> np.ndarray:
     """Return the ranks of the second half of the stream: events N // 2 to N - 1.
 
-    With an odd N the second half holds the middle event.
+    With an odd N the second half contains the middle event.
     """
     ranks = _as_ranks(ranks)
     return ranks[ranks.shape[0] // 2 :]

@@ -1,4 +1,4 @@
-"""The drnn-stream command line: worker, replay and demo."""
+"""The drnn-stream command line: worker, replay, demo, evaluate, report, serve and recommend."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from kafka.errors import KafkaError
 from drnn_core.errors import DrnnError
 from streamer.datasets import FORMATS, Message, read_interactions, read_messages
 from streamer.events import encode_event
+from streamer.evaluate import add_evaluate_command
+from streamer.report import add_report_command
 from streamer.serve import add_recommend_command, add_serve_command
 from streamer.settings import Settings, add_arguments, load_settings, unknown_environment_variables
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(demo)
     demo.set_defaults(run=run_demo_command)
 
+    add_evaluate_command(commands)
+    add_report_command(commands)
     add_serve_command(commands)
     add_recommend_command(commands)
     return parser
