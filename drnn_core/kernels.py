@@ -1,16 +1,18 @@
-"""Numba kernels of the recurrent BPR model: forward, loss, truncated BPTT, SGD, batches, ranking.
+"""Numba kernels of the recurrent BPR model: forward, loss, truncated BPTT, SGD and Adagrad, batches, ranking.
 
 Notation, with row vectors and an item's embedding in row ``X[i]``::
 
     b(t) = X[i(t)] U + h(t-1) W,    h(t) = sigmoid(b(t))
-    x_uij = h(t) . V[i] - h(t) . V[j]
-    L = -ln sigmoid(x_uij) + l2 * ||theta||^2
+    s(i) = h(t) . V[i] + c[i]
+    x_uij = s(i) - s(j)
+    L = sum over the negatives j of -ln sigmoid(x_uij) + l2 * ||theta||^2
 
-theta is every parameter the event touches: the X rows of the user's window, U,
-W, V[i] and V[j]. Gradients flow back through the K window steps and stop at the
-hidden state before the window (truncated BPTT). Every kernel releases the GIL,
-takes C-ordered arrays of the dtypes in its signature, and allocates nothing per
-event.
+c is the item bias (kept at zero when the model has none). theta is every
+parameter the event touches: the X rows of the user's window, U, W, the V rows
+and biases of i and of the negatives. Gradients flow back through the K window
+steps and stop at the hidden state before the window (truncated BPTT). Every
+kernel releases the GIL, takes C-ordered arrays of the dtypes in its signature,
+and allocates nothing per event.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ STATUS_DUPLICATE = 4
 RANK_UNKNOWN_ITEM = -1
 RANK_NOT_EVALUATED = -2
 
+OPTIMIZER_SGD = 0
+OPTIMIZER_ADAGRAD = 1
+
+NEGATIVES_SUM = 0
+NEGATIVES_HARDEST = 1
+
+# Added to the square root of an Adagrad accumulator before dividing by it.
+ADAGRAD_EPSILON = 1e-8
+
 _F32_1D = types.Array(types.float32, 1, "C")
 _F32_2D = types.Array(types.float32, 2, "C")
 _I32_1D = types.Array(types.int32, 1, "C")
@@ -42,11 +53,19 @@ _U64_1D = types.Array(types.uint64, 1, "C")
 _F32_1D_ANY = types.Array(types.float32, 1, "A")
 _I32_1D_ANY = types.Array(types.int32, 1, "A")
 
-PARAMS_TYPE = types.UniTuple(_F32_2D, 4)
+PARAMS_TYPE = types.Tuple((_F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_1D))
+ACCUMULATORS_TYPE = types.Tuple((_F32_1D, _F32_2D, _F32_2D, _F32_1D, _F32_1D))
 STATES_TYPE = types.Tuple((_F32_2D, _F32_2D, _I32_2D, _I32_1D, _I64_1D, _I32_1D, _I64_1D))
 EVENTS_TYPE = types.Tuple((_I32_1D, _I32_1D, _I32_1D, _I64_1D))
-HYPER_TYPE = types.Tuple((types.float64, types.float64, types.float64, types.float64, types.int64, types.int64))
+HYPER_TYPE = types.Tuple((
+    types.float64, types.float64, types.float64, types.float64, types.int64, types.int64,
+    types.int64, types.int64, types.int64, types.int64, types.float64, types.int64,
+))
 OUTPUTS_TYPE = types.Tuple((_I8_1D, _F32_1D, _I64_1D))
+GRADIENTS_TYPE = types.Tuple((_F32_2D, _F32_2D, _F32_2D, _F32_1D))
+UPDATE_SCRATCH_TYPE = types.Tuple((_F32_2D, _F32_2D, _F32_2D, _F32_1D, _F32_1D, _F32_2D, _F32_1D, _F32_1D, _I64_1D))
+STEP_HYPER_TYPE = types.Tuple((types.float64, types.float64, types.float64, types.int64, types.int64, types.float64,
+                               types.int64))
 
 
 @njit(types.float32(types.float32), nogil=True, cache=True)
@@ -112,14 +131,19 @@ def dot(a, b):
     return total
 
 
-@njit(types.UniTuple(types.float32, 2)(_F32_1D_ANY, _F32_1D_ANY, _F32_1D_ANY), nogil=True, cache=True)
-def bpr_loss(hidden, v_pos, v_neg):
+@njit(types.float32(_F32_1D_ANY, _F32_2D, _F32_1D, types.int64), nogil=True, cache=True)
+def item_score(hidden, V, bias, item):
+    """Return the score ``hidden . V[item] + bias[item]``."""
+    return dot(hidden, V[item]) + bias[item]
+
+
+@njit(types.UniTuple(types.float32, 2)(types.float32), nogil=True, cache=True)
+def bpr_margin_loss(x):
     """Return the BPR loss ``-ln sigmoid(x)`` and its derivative ``dL/dx = -sigmoid(-x)``.
 
-    ``x = hidden . v_pos - hidden . v_neg``; the loss is computed as
-    ``log(1 + exp(-x))`` in a form that neither overflows nor loses precision.
+    The loss is computed as ``log(1 + exp(-x))`` in a form that neither
+    overflows nor loses precision.
     """
-    x = dot(hidden, v_pos) - dot(hidden, v_neg)
     if x >= 0:
         loss = np.log1p(np.exp(-x))
     else:
@@ -127,44 +151,73 @@ def bpr_loss(hidden, v_pos, v_neg):
     return np.float32(loss), -sigmoid(-x)
 
 
+@njit(types.UniTuple(types.float32, 2)(_F32_1D_ANY, _F32_1D_ANY, _F32_1D_ANY), nogil=True, cache=True)
+def bpr_loss(hidden, v_pos, v_neg):
+    """Return the BPR loss and ``dL/dx`` for ``x = hidden . v_pos - hidden . v_neg`` (no bias)."""
+    return bpr_margin_loss(dot(hidden, v_pos) - dot(hidden, v_neg))
+
+
 @njit(
-    types.void(
-        _F32_2D, _F32_2D, _F32_2D, _F32_2D, _I32_1D_ANY, types.int64, types.int64, types.int64,
-        _F32_2D, _F32_2D, _F32_2D, _F32_1D, _F32_1D, _F32_1D, _F32_1D,
+    types.float32(
+        PARAMS_TYPE, _I32_1D_ANY, types.int64, types.int64, _I64_1D, types.int64,
+        _F32_2D, GRADIENTS_TYPE, _F32_1D, _F32_1D,
     ),
     nogil=True,
     cache=True,
 )
-def bptt_gradients(X, U, W, V, items, length, positive, negative, hs, grad_x, grad_u_w, grad_v_pos, grad_v_neg, dh, delta):
-    """Compute the gradient of the BPR term (without L2) by truncated BPTT.
+def bptt_gradients(params, items, length, positive, negatives, n_negatives, hs, grads, dh, delta):
+    """Compute the gradient of the summed BPR terms (without L2) by truncated BPTT.
 
     Parameters
     ----------
-    X, V : ndarray, shape (n, h), float32
-    U, W : ndarray, shape (h, h), float32
+    params : tuple
+        (X (n, h), U (h, h), W (h, h), V (n, h), bias (n,)), float32.
     items : ndarray, shape (>= length,), int32
         The window items, oldest first; ``length`` >= 1 of them are used.
-    positive, negative : int
-        Items i and j of the BPR term.
+    positive : int
+        Item i.
+    negatives : ndarray, shape (>= n_negatives,), int64
+        The negatives j; each one adds a BPR term, so a repeated j counts twice.
+    n_negatives : int
+        Number of BPR terms, >= 1.
     hs : ndarray, shape (>= length + 1, h), float32
         The states from ``forward_window``.
-    grad_x : ndarray, shape (>= length, h), float32
-        Output: row k is dL/dX[items[k]] for window position k.
-    grad_u_w : ndarray, shape (2 h, h), float32
-        Output: rows [0, h) are dL/dU, rows [h, 2 h) are dL/dW.
-    grad_v_pos, grad_v_neg : ndarray, shape (h,), float32
-        Outputs: dL/dV[i] and dL/dV[j].
+    grads : tuple
+        Outputs (grad_x, grad_u_w, grad_v, grad_bias), float32:
+        grad_x (>= length, h), row k is dL/dX[items[k]] for window position k;
+        grad_u_w (2 h, h), rows [0, h) are dL/dU and rows [h, 2 h) dL/dW;
+        grad_v (>= n_negatives + 1, h), row 0 is dL/dV[i] and row n + 1 the
+        term of negatives[n] in dL/dV[j]; grad_bias (>= n_negatives + 1,), the
+        same for the biases.
     dh, delta : ndarray, shape (h,), float32
         Scratch space.
+
+    Returns
+    -------
+    float32
+        The summed BPR loss.
     """
+    X, U, W, V, bias = params
+    grad_x, grad_u_w, grad_v, grad_bias = grads
     size = U.shape[0]
     h_t = hs[length]
-    _, dl_dx = bpr_loss(h_t, V[positive], V[negative])
+    positive_score = item_score(h_t, V, bias, positive)
 
+    total_loss = np.float32(0.0)
+    grad_bias[0] = 0.0
     for j in range(size):
-        grad_v_pos[j] = dl_dx * h_t[j]
-        grad_v_neg[j] = -dl_dx * h_t[j]
-        dh[j] = dl_dx * (V[positive, j] - V[negative, j])
+        grad_v[0, j] = 0.0
+        dh[j] = 0.0
+    for n in range(n_negatives):
+        negative = negatives[n]
+        loss, dl_dx = bpr_margin_loss(positive_score - item_score(h_t, V, bias, negative))
+        total_loss += loss
+        grad_bias[0] += dl_dx
+        grad_bias[n + 1] = -dl_dx
+        for j in range(size):
+            grad_v[0, j] += dl_dx * h_t[j]
+            grad_v[n + 1, j] = -dl_dx * h_t[j]
+            dh[j] += dl_dx * (V[positive, j] - V[negative, j])
     grad_u_w[:, :] = 0.0
 
     for step in range(length - 1, -1, -1):
@@ -186,6 +239,7 @@ def bptt_gradients(X, U, W, V, items, length, positive, negative, hs, grad_x, gr
                 gh += W[k, j] * delta[j]
             grad_x[step, k] = gx
             dh[k] = gh
+    return total_loss
 
 
 @njit(types.void(_I32_1D_ANY, types.int64, _F32_2D), nogil=True, cache=True)
@@ -203,6 +257,48 @@ def merge_duplicate_rows(items, length, grad_x):
                 break
 
 
+@njit(types.void(_I64_1D, types.int64, _F32_2D, _F32_1D), nogil=True, cache=True)
+def merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias):
+    """Add the V and bias gradient of every repeated negative into the row of its first draw.
+
+    Row n + 1 of ``grad_v`` and entry n + 1 of ``grad_bias`` belong to
+    ``negatives[n]``; a repeated draw's own row is then zeroed.
+    """
+    for n in range(1, n_negatives):
+        for first in range(n):
+            if negatives[first] == negatives[n]:
+                grad_v[first + 1, :] += grad_v[n + 1, :]
+                grad_bias[first + 1] += grad_bias[n + 1]
+                grad_v[n + 1, :] = 0.0
+                grad_bias[n + 1] = 0.0
+                break
+
+
+@njit(types.void(_I32_1D_ANY, types.int64, types.int64, _I64_1D, types.int64, _F32_2D, _F32_2D, _I64_1D),
+      nogil=True, cache=True)
+def merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, grad_v, x_target):
+    """Move the X gradient of each window item that is also scored into its V gradient row.
+
+    With tied embeddings X and V are one array, so a row that is both a window
+    item and the positive or a negative gets one update with the sum of both
+    gradients. ``x_target[k]`` is set to the ``grad_v`` row that took window
+    position k's gradient, or -1 when the position keeps its own X row.
+    """
+    for k in range(length):
+        x_target[k] = -1
+        row = items[k]
+        if row == positive:
+            x_target[k] = 0
+        else:
+            for n in range(n_negatives):
+                if negatives[n] == row:
+                    x_target[k] = n + 1
+                    break
+        if x_target[k] >= 0:
+            grad_v[x_target[k], :] += grad_x[k, :]
+            grad_x[k, :] = 0.0
+
+
 @njit(types.boolean(types.float32), nogil=True, cache=True)
 def _bounded(value):
     """Return whether a new parameter value is finite and within MAX_ABS_PARAMETER."""
@@ -218,37 +314,63 @@ def is_repeat(items, length, position):
     return False
 
 
+@njit(types.boolean(_I64_1D, types.int64), nogil=True, cache=True)
+def is_repeat_negative(negatives, position):
+    """Return whether ``negatives[position]`` also occurs at an earlier position."""
+    for first in range(position):
+        if negatives[first] == negatives[position]:
+            return True
+    return False
+
+
+@njit(types.float64(types.float64, types.float64, types.int64, types.float64), nogil=True, cache=True)
+def _step_factor(learning_rate, accumulator, optimizer, scale):
+    """Return the learning rate of a parameter: plain, or divided by the root of its Adagrad sum."""
+    if optimizer == OPTIMIZER_ADAGRAD:
+        return learning_rate / (math.sqrt(accumulator) + ADAGRAD_EPSILON) * scale
+    return learning_rate * scale
+
+
 @njit(
     types.boolean(
-        PARAMS_TYPE, _I32_1D_ANY, types.int64, types.int64, types.int64,
-        _F32_2D, _F32_2D, _F32_1D, _F32_1D,
-        types.float64, types.float64, types.float64,
-        _F32_2D, _F32_2D, _F32_2D,
+        PARAMS_TYPE, ACCUMULATORS_TYPE, _I32_1D_ANY, types.int64, types.int64, _I64_1D, types.int64,
+        GRADIENTS_TYPE, STEP_HYPER_TYPE, UPDATE_SCRATCH_TYPE,
     ),
     nogil=True,
     cache=True,
 )
-def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad_v_pos, grad_v_neg,
-               learning_rate, l2, max_grad_norm, new_x, new_u_w, new_v):
-    """Apply one SGD step with L2 and gradient-norm clipping, unless it would diverge.
+def sgd_update(params, accumulators, items, length, positive, negatives, n_negatives, grads, step_hyper, scratch):
+    """Apply one clipped SGD or Adagrad step with L2, unless it would diverge.
 
-    The full gradient is the BPR gradient plus ``2 * l2 * theta`` for every touched
-    parameter; it is scaled by ``min(1, max_grad_norm / ||g||)`` with ||g|| the
-    global L2 norm over all of them.
+    The full gradient g is the BPR gradient plus ``2 * l2 * theta`` for every
+    touched parameter (the biases only when the model has them). It is scaled by
+    ``min(1, max_grad_norm / ||g||)`` with ||g|| the global L2 norm over all of
+    them, each distinct row once. SGD then takes ``theta -= learning_rate * g``.
+    Adagrad keeps one accumulator per X or V row (row-wise) and one per element
+    of U and W and per bias. A row's accumulator grows by the mean of g**2 over
+    the row, an element's by its g**2. Each entry's step is then divided by the
+    square root of its accumulator.
 
     Parameters
     ----------
-    params : tuple of ndarray
-        (X, U, W, V), updated in place.
-    items, length, positive, negative : see bptt_gradients.
-    grad_x, grad_u_w, grad_v_pos, grad_v_neg : ndarray, float32
-        The BPR gradients from bptt_gradients; ``grad_x`` is changed in place
-        (repeated items merged).
-    learning_rate, l2, max_grad_norm : float
-    new_x : ndarray, shape (>= length, h), float32
-    new_u_w : ndarray, shape (2 h, h), float32
-    new_v : ndarray, shape (2, h), float32
-        Scratch space for the candidate values.
+    params : tuple
+        (X, U, W, V, bias), updated in place.
+    accumulators : tuple
+        Adagrad sums (X rows (n,), U (h, h), W (h, h), V rows (n,), bias (n,)),
+        float32, updated in place by Adagrad steps.
+    items, length, positive, negatives, n_negatives : see bptt_gradients.
+    grads : tuple
+        The BPR gradients from bptt_gradients; grad_x and grad_v are changed in
+        place (repeated rows merged).
+    step_hyper : tuple
+        (learning_rate, l2, max_grad_norm, optimizer, item_bias 0/1,
+        recurrent learning rate scale).
+    scratch : tuple
+        (new_x (>= length, h), new_u_w (2 h, h), new_v (>= n_negatives + 1, h),
+        new_bias (>= n_negatives + 1,), new_acc_x (>= length,), new_acc_u_w
+        (2 h, h), new_acc_v (>= n_negatives + 1,), new_acc_bias (>= n_negatives + 1,)),
+        float32, and x_target (>= length,), int64: the candidate values, and
+        where ``merge_tied_rows`` put each window position's gradient.
 
     Returns
     -------
@@ -257,14 +379,23 @@ def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad
         or any new value, rounded to float32, was non-finite or above
         MAX_ABS_PARAMETER in magnitude (then nothing is changed).
     """
-    X, U, W, V = params
+    X, U, W, V, bias = params
+    acc_x, acc_u, acc_w, acc_v, acc_bias = accumulators
+    grad_x, grad_u_w, grad_v, grad_bias = grads
+    learning_rate, l2, max_grad_norm, optimizer, item_bias, recurrent_scale, tied = step_hyper
+    new_x, new_u_w, new_v, new_bias, new_acc_x, new_acc_u_w, new_acc_v, new_acc_bias, x_target = scratch
     size = U.shape[0]
     reg = 2.0 * l2
     merge_duplicate_rows(items, length, grad_x)
+    merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias)
+    for k in range(length):
+        x_target[k] = -1
+    if tied != 0:
+        merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, grad_v, x_target)
 
     sq = 0.0
     for k in range(length):
-        if not is_repeat(items, length, k):
+        if not is_repeat(items, length, k) and x_target[k] < 0:
             row = items[k]
             for j in range(size):
                 g = grad_x[k, j] + reg * X[row, j]
@@ -274,64 +405,172 @@ def sgd_update(params, items, length, positive, negative, grad_x, grad_u_w, grad
             gu = grad_u_w[k, j] + reg * U[k, j]
             gw = grad_u_w[size + k, j] + reg * W[k, j]
             sq += gu * gu + gw * gw
-    for j in range(size):
-        gp = grad_v_pos[j] + reg * V[positive, j]
-        gn = grad_v_neg[j] + reg * V[negative, j]
-        sq += gp * gp + gn * gn
+    for n in range(n_negatives + 1):
+        if n > 0 and is_repeat_negative(negatives, n - 1):
+            continue
+        row = positive if n == 0 else negatives[n - 1]
+        for j in range(size):
+            g = grad_v[n, j] + reg * V[row, j]
+            sq += g * g
+        if item_bias != 0:
+            g = grad_bias[n] + reg * bias[row]
+            sq += g * g
     norm = math.sqrt(sq)
     if not math.isfinite(norm):
         return False
-    step = learning_rate
+    clip = 1.0
     if norm > max_grad_norm:
-        step = learning_rate * max_grad_norm / norm
+        clip = max_grad_norm / norm
 
     finite = True
     for k in range(length):
-        if not is_repeat(items, length, k):
-            row = items[k]
-            for j in range(size):
-                value = np.float32(X[row, j] - step * (grad_x[k, j] + reg * X[row, j]))
-                new_x[k, j] = value
-                finite &= _bounded(value)
+        if is_repeat(items, length, k) or x_target[k] >= 0:
+            continue
+        row = items[k]
+        mean_sq = 0.0
+        for j in range(size):
+            g = clip * (grad_x[k, j] + reg * X[row, j])
+            mean_sq += g * g
+        new_acc_x[k] = np.float32(acc_x[row] + mean_sq / size)
+        factor = _step_factor(learning_rate, new_acc_x[k], optimizer, clip)
+        for j in range(size):
+            value = np.float32(X[row, j] - factor * (grad_x[k, j] + reg * X[row, j]))
+            new_x[k, j] = value
+            finite &= _bounded(value)
+
+    # U and W have one accumulator per element, so their loop is split by
+    # optimizer to keep the SGD step free of the h * h square roots.
+    recurrent_rate = learning_rate * recurrent_scale * clip
+    adagrad = optimizer == OPTIMIZER_ADAGRAD
     for k in range(size):
         for j in range(size):
-            value_u = np.float32(U[k, j] - step * (grad_u_w[k, j] + reg * U[k, j]))
-            value_w = np.float32(W[k, j] - step * (grad_u_w[size + k, j] + reg * W[k, j]))
+            gu = grad_u_w[k, j] + reg * U[k, j]
+            gw = grad_u_w[size + k, j] + reg * W[k, j]
+            if adagrad:
+                acc_new_u = np.float32(acc_u[k, j] + clip * clip * gu * gu)
+                acc_new_w = np.float32(acc_w[k, j] + clip * clip * gw * gw)
+                new_acc_u_w[k, j] = acc_new_u
+                new_acc_u_w[size + k, j] = acc_new_w
+                value_u = np.float32(U[k, j] - recurrent_rate / (math.sqrt(acc_new_u) + ADAGRAD_EPSILON) * gu)
+                value_w = np.float32(W[k, j] - recurrent_rate / (math.sqrt(acc_new_w) + ADAGRAD_EPSILON) * gw)
+            else:
+                value_u = np.float32(U[k, j] - recurrent_rate * gu)
+                value_w = np.float32(W[k, j] - recurrent_rate * gw)
             new_u_w[k, j] = value_u
             new_u_w[size + k, j] = value_w
             finite &= _bounded(value_u) and _bounded(value_w)
-    for j in range(size):
-        value_p = np.float32(V[positive, j] - step * (grad_v_pos[j] + reg * V[positive, j]))
-        value_n = np.float32(V[negative, j] - step * (grad_v_neg[j] + reg * V[negative, j]))
-        new_v[0, j] = value_p
-        new_v[1, j] = value_n
-        finite &= _bounded(value_p) and _bounded(value_n)
+
+    for n in range(n_negatives + 1):
+        if n > 0 and is_repeat_negative(negatives, n - 1):
+            continue
+        row = positive if n == 0 else negatives[n - 1]
+        mean_sq = 0.0
+        for j in range(size):
+            g = clip * (grad_v[n, j] + reg * V[row, j])
+            mean_sq += g * g
+        new_acc_v[n] = np.float32(acc_v[row] + mean_sq / size)
+        factor = _step_factor(learning_rate, new_acc_v[n], optimizer, clip)
+        for j in range(size):
+            value = np.float32(V[row, j] - factor * (grad_v[n, j] + reg * V[row, j]))
+            new_v[n, j] = value
+            finite &= _bounded(value)
+        if item_bias != 0:
+            g = grad_bias[n] + reg * bias[row]
+            new_acc_bias[n] = np.float32(acc_bias[row] + clip * clip * g * g)
+            factor = _step_factor(learning_rate, new_acc_bias[n], optimizer, clip)
+            value = np.float32(bias[row] - factor * g)
+            new_bias[n] = value
+            finite &= _bounded(value)
     if not finite:
         return False
 
     for k in range(length):
-        if not is_repeat(items, length, k):
+        if not is_repeat(items, length, k) and x_target[k] < 0:
             X[items[k], :] = new_x[k, :]
+            if adagrad:
+                acc_x[items[k]] = new_acc_x[k]
     U[:, :] = new_u_w[:size, :]
     W[:, :] = new_u_w[size:, :]
-    V[positive, :] = new_v[0, :]
-    V[negative, :] = new_v[1, :]
+    if adagrad:
+        acc_u[:, :] = new_acc_u_w[:size, :]
+        acc_w[:, :] = new_acc_u_w[size:, :]
+    for n in range(n_negatives + 1):
+        if n > 0 and is_repeat_negative(negatives, n - 1):
+            continue
+        row = positive if n == 0 else negatives[n - 1]
+        V[row, :] = new_v[n, :]
+        if adagrad:
+            acc_v[row] = new_acc_v[n]
+        if item_bias != 0:
+            bias[row] = new_bias[n]
+            if adagrad:
+                acc_bias[row] = new_acc_bias[n]
     return True
 
 
-@njit(types.int64(_F32_1D_ANY, _F32_2D, _I64_1D, types.int64, types.int64), nogil=True, cache=True)
-def rank_item(hidden, V, item_count, n_rows, target):
+@njit(
+    types.int64(
+        SAMPLER_TYPE, types.int64, types.int64, _U64_1D, types.int64, types.int64,
+        _F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D,
+    ),
+    nogil=True,
+    cache=True,
+)
+def draw_negatives(sampler, positive, kind, rng_state, count, mode, hidden, V, bias, out):
+    """Draw ``count`` negatives and keep all of them (NEGATIVES_SUM) or the best-scored one (NEGATIVES_HARDEST).
+
+    Parameters
+    ----------
+    sampler, positive, kind, rng_state : see ``sampling.sample_negative``.
+    count : int
+        Number of draws, >= 1.
+    mode : int
+        NEGATIVES_SUM or NEGATIVES_HARDEST.
+    hidden : ndarray, shape (h,), float32
+        The state that scores the draws in NEGATIVES_HARDEST mode.
+    V : ndarray, shape (n, h), float32
+    bias : ndarray, shape (n,), float32
+    out : ndarray, shape (>= count,), int64
+        Output: the kept negatives.
+
+    Returns
+    -------
+    int
+        The number of negatives kept in ``out``: 0 when no draw found another
+        known item, else ``count`` minus failed draws (NEGATIVES_SUM) or 1.
+    """
+    kept = 0
+    best_score = np.float32(-np.inf)
+    for _ in range(count):
+        candidate = sample_negative(sampler, positive, kind, rng_state)
+        if candidate < 0:
+            continue
+        if mode == NEGATIVES_SUM:
+            out[kept] = candidate
+            kept += 1
+            continue
+        score = item_score(hidden, V, bias, candidate)
+        if kept == 0 or score > best_score:
+            out[0] = candidate
+            best_score = score
+            kept = 1
+    return kept
+
+
+@njit(types.int64(_F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D, types.int64, types.int64), nogil=True, cache=True)
+def rank_item(hidden, V, bias, item_count, n_rows, target):
     """Return the full-ranking rank of ``target`` among the known items.
 
-    The rank is the number of other known items whose score ``hidden . V[j]`` is
-    greater than or equal to the target's, so ties count against the model and a
-    constant scorer ranks every item last. An unknown target returns
-    RANK_UNKNOWN_ITEM.
+    The rank is the number of other known items whose score ``hidden . V[j] +
+    bias[j]`` is greater than or equal to the target's, so ties count against
+    the model and a constant scorer ranks every item last. An unknown target
+    returns RANK_UNKNOWN_ITEM.
 
     Parameters
     ----------
     hidden : ndarray, shape (h,), float32
     V : ndarray, shape (n, h), float32
+    bias : ndarray, shape (n,), float32
     item_count : ndarray, shape (n,), int64
         An item is known when its count is positive.
     n_rows : int
@@ -340,22 +579,23 @@ def rank_item(hidden, V, item_count, n_rows, target):
     """
     if target >= n_rows or item_count[target] <= 0:
         return RANK_UNKNOWN_ITEM
-    target_score = dot(hidden, V[target])
+    target_score = item_score(hidden, V, bias, target)
     rank = 0
     for j in range(n_rows):
-        if j != target and item_count[j] > 0 and dot(hidden, V[j]) >= target_score:
+        if j != target and item_count[j] > 0 and item_score(hidden, V, bias, j) >= target_score:
             rank += 1
     return rank
 
 
-@njit(types.void(_F32_1D_ANY, _F32_2D, _I64_1D, types.int64, _F32_1D), nogil=True, cache=True)
-def score_items(hidden, V, item_count, n_rows, scores):
-    """Write ``hidden . V[j]`` for every known item j < n_rows and -inf for the others.
+@njit(types.void(_F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D, types.int64, _F32_1D), nogil=True, cache=True)
+def score_items(hidden, V, bias, item_count, n_rows, scores):
+    """Write ``hidden . V[j] + bias[j]`` for every known item j < n_rows and -inf for the others.
 
     Parameters
     ----------
     hidden : ndarray, shape (h,), float32
     V : ndarray, shape (n, h), float32
+    bias : ndarray, shape (n,), float32
     item_count : ndarray, shape (n,), int64
     n_rows : int
     scores : ndarray, shape (n,), float32
@@ -363,7 +603,7 @@ def score_items(hidden, V, item_count, n_rows, scores):
     """
     for j in range(scores.shape[0]):
         if j < n_rows and item_count[j] > 0:
-            scores[j] = dot(hidden, V[j])
+            scores[j] = item_score(hidden, V, bias, j)
         else:
             scores[j] = -np.inf
 
@@ -374,7 +614,7 @@ def advance_state(params, states, slot, item, items_buf, hs, scratch):
 
     When the window is full, its oldest item moves into ``start_hidden``.
     """
-    X, U, W, V = params
+    X, U, W, V, bias = params
     hidden, start_hidden, window, window_len, count, last_partition, last_offset = states
     capacity = window.shape[1]
     length = window_len[slot]
@@ -398,8 +638,13 @@ def advance_state(params, states, slot, item, items_buf, hs, scratch):
     window_len[slot] = length
 
 
-@njit(types.void(PARAMS_TYPE, STATES_TYPE, EVENTS_TYPE, SAMPLER_TYPE, HYPER_TYPE, _U64_1D, OUTPUTS_TYPE), nogil=True, cache=True)
-def train_batch(params, states, events, sampler, hyper, rng_state, outputs):
+@njit(
+    types.void(PARAMS_TYPE, ACCUMULATORS_TYPE, STATES_TYPE, EVENTS_TYPE, SAMPLER_TYPE, HYPER_TYPE, _U64_1D,
+               OUTPUTS_TYPE),
+    nogil=True,
+    cache=True,
+)
+def train_batch(params, accumulators, states, events, sampler, hyper, rng_state, outputs):
     """Apply a micro-batch of events in order: rank, train, then advance each user's state.
 
     For each event e (user row ``slot``, item i, Kafka partition and offset):
@@ -407,15 +652,17 @@ def train_batch(params, states, events, sampler, hyper, rng_state, outputs):
     1. Skip it as STATUS_DUPLICATE if its offset is not newer than the last one
        applied to the user on the same partition.
     2. Rank i from the user's current state (if ``evaluate``), before learning from it.
-    3. If the user has history, sample a negative j and take one SGD step on the
-       BPR loss, with truncated BPTT through the user's window.
+    3. If the user has history, draw the negatives and take one SGD or Adagrad
+       step on the BPR loss, with truncated BPTT through the user's window.
     4. Append i to the user's window, recompute the states, and count the event
        (user count, last partition and offset, item statistics).
 
     Parameters
     ----------
     params : tuple
-        (X (n, h), U (h, h), W (h, h), V (n, h)), float32, updated in place.
+        (X (n, h), U (h, h), W (h, h), V (n, h), bias (n,)), float32, updated in place.
+    accumulators : tuple
+        The Adagrad sums, see ``sgd_update``; updated in place.
     states : tuple
         UserStateBatch.as_tuple(), updated in place.
     events : tuple
@@ -423,7 +670,10 @@ def train_batch(params, states, events, sampler, hyper, rng_state, outputs):
     sampler : tuple
         ItemStats.as_tuple(), updated in place.
     hyper : tuple
-        (learning_rate, l2, max_grad_norm, popularity_alpha, sampler kind, evaluate 0/1).
+        (learning_rate, l2, max_grad_norm, popularity_alpha, sampler kind,
+        evaluate 0/1, negatives per event, NEGATIVES_SUM or NEGATIVES_HARDEST,
+        OPTIMIZER_SGD or OPTIMIZER_ADAGRAD, item_bias 0/1, recurrent learning
+        rate scale).
     rng_state : ndarray, shape (1,), uint64
     outputs : tuple
         (status int8 (B,), loss float32 (B,), rank int64 (B,)), written per event.
@@ -431,23 +681,37 @@ def train_batch(params, states, events, sampler, hyper, rng_state, outputs):
         RANK_NOT_EVALUATED when not evaluated and RANK_UNKNOWN_ITEM for an item
         never seen before.
     """
-    X, U, W, V = params
+    X, U, W, V, bias = params
     hidden, start_hidden, window, window_len, count, last_partition, last_offset = states
     event_slot, event_item, event_partition, event_offset = events
-    learning_rate, l2, max_grad_norm, alpha, sampler_kind, evaluate = hyper
+    (learning_rate, l2, max_grad_norm, alpha, sampler_kind, evaluate,
+     n_draws, negative_mode, optimizer, item_bias, recurrent_scale, tied) = hyper
     status, losses, ranks = outputs
     item_count, known_items, meta, fenwick = sampler
+    step_hyper = (learning_rate, l2, max_grad_norm, optimizer, item_bias, recurrent_scale, tied)
 
     size = U.shape[0]
     capacity = window.shape[1]
+    terms = n_draws + 1
     hs = np.zeros((capacity + 2, size), dtype=np.float32)
-    grad_x = np.zeros((capacity, size), dtype=np.float32)
-    grad_u_w = np.zeros((2 * size, size), dtype=np.float32)
-    new_x = np.zeros((capacity, size), dtype=np.float32)
-    new_u_w = np.zeros((2 * size, size), dtype=np.float32)
-    new_v = np.zeros((2, size), dtype=np.float32)
-    grad_v_pos = np.zeros(size, dtype=np.float32)
-    grad_v_neg = np.zeros(size, dtype=np.float32)
+    grads = (
+        np.zeros((capacity, size), dtype=np.float32),
+        np.zeros((2 * size, size), dtype=np.float32),
+        np.zeros((terms, size), dtype=np.float32),
+        np.zeros(terms, dtype=np.float32),
+    )
+    scratch = (
+        np.zeros((capacity, size), dtype=np.float32),
+        np.zeros((2 * size, size), dtype=np.float32),
+        np.zeros((terms, size), dtype=np.float32),
+        np.zeros(terms, dtype=np.float32),
+        np.zeros(capacity, dtype=np.float32),
+        np.zeros((2 * size, size), dtype=np.float32),
+        np.zeros(terms, dtype=np.float32),
+        np.zeros(terms, dtype=np.float32),
+        np.zeros(capacity, dtype=np.int64),
+    )
+    negatives = np.zeros(n_draws, dtype=np.int64)
     dh = np.zeros(size, dtype=np.float32)
     delta = np.zeros(size, dtype=np.float32)
     items_buf = np.zeros(capacity + 1, dtype=np.int32)
@@ -467,21 +731,18 @@ def train_batch(params, states, events, sampler, hyper, rng_state, outputs):
         length = np.int64(window_len[slot])
         forward_window(X, U, W, start_hidden[slot], window[slot], length, hs)
         if evaluate != 0:
-            ranks[e] = rank_item(hs[length], V, item_count, meta[1], item)
+            ranks[e] = rank_item(hs[length], V, bias, item_count, meta[1], item)
 
         outcome = STATUS_NO_HISTORY
         if length > 0:
-            negative = sample_negative(sampler, item, sampler_kind, rng_state)
-            if negative < 0:
+            kept = draw_negatives(sampler, item, sampler_kind, rng_state, n_draws, negative_mode,
+                                  hs[length], V, bias, negatives)
+            if kept == 0:
                 outcome = STATUS_NO_NEGATIVE
             else:
-                loss, _ = bpr_loss(hs[length], V[item], V[negative])
-                losses[e] = loss
-                bptt_gradients(X, U, W, V, window[slot], length, item, negative, hs,
-                               grad_x, grad_u_w, grad_v_pos, grad_v_neg, dh, delta)
-                applied = sgd_update(params, window[slot], length, item, negative,
-                                     grad_x, grad_u_w, grad_v_pos, grad_v_neg,
-                                     learning_rate, l2, max_grad_norm, new_x, new_u_w, new_v)
+                losses[e] = bptt_gradients(params, window[slot], length, item, negatives, kept, hs, grads, dh, delta)
+                applied = sgd_update(params, accumulators, window[slot], length, item, negatives, kept,
+                                     grads, step_hyper, scratch)
                 outcome = STATUS_TRAINED if applied else STATUS_NON_FINITE
 
         advance_state(params, states, slot, item, items_buf, hs, delta)

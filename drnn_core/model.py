@@ -15,8 +15,9 @@ from drnn_core.rng import new_rng_state
 from drnn_core.sampling import POPULARITY, UNIFORM, ItemStats, build_fenwick
 from drnn_core.state import UserStateBatch
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 _MAGIC = "drnn-stream-model"
+PARAMETER_ARRAYS = ("X", "U", "W", "V", "bias", "acc_x", "acc_u", "acc_w", "acc_v", "acc_bias")
 
 
 @dataclasses.dataclass
@@ -74,10 +75,18 @@ class RecurrentBPR:
     Attributes
     ----------
     X, V : ndarray, shape (capacity, h), float32
-        Input and output item embeddings. Rows at or above the item capacity in
-        use are initialised but untrained.
+        Input and output item embeddings, one array when ``tie_embeddings`` is
+        set. Rows at or above the item capacity in use are initialised but
+        untrained.
     U, W : ndarray, shape (h, h), float32
         Input-to-hidden and hidden-to-hidden weights.
+    bias : ndarray, shape (capacity,), float32
+        Item biases, added to the scores; they stay zero without ``item_bias``.
+    acc_x, acc_v, acc_bias : ndarray, shape (capacity,), float32
+        Adagrad accumulators of the X rows, the V rows and the biases (acc_x is
+        acc_v with tied embeddings).
+    acc_u, acc_w : ndarray, shape (h, h), float32
+        Adagrad accumulators of the elements of U and W.
     stats : ItemStats
         Item counts and sampler structures.
     rng_state : ndarray, shape (1,), uint64
@@ -93,13 +102,22 @@ class RecurrentBPR:
         self.U = self._normal((size, size))
         self.W = self._normal((size, size))
         self.X = self._normal((capacity, size))
-        self.V = self._normal((capacity, size))
+        self.V = self.X if config.tie_embeddings else self._normal((capacity, size))
+        self.bias = np.zeros(capacity, dtype=np.float32)
+        self.acc_u = self._accumulator((size, size))
+        self.acc_w = self._accumulator((size, size))
+        self.acc_v = self._accumulator((capacity,))
+        self.acc_x = self.acc_v if config.tie_embeddings else self._accumulator((capacity,))
+        self.acc_bias = self._accumulator((capacity,))
         self.stats = ItemStats.empty(capacity, config.popularity_alpha)
         self.rng_state = new_rng_state(config.seed)
 
     def _normal(self, shape: tuple[int, int]) -> np.ndarray:
         values = self._init_rng.normal(0.0, self.config.init_scale, size=shape)
         return np.ascontiguousarray(values, dtype=np.float32)
+
+    def _accumulator(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.full(shape, self.config.adagrad_initial_accumulator, dtype=np.float32)
 
     @property
     def capacity(self) -> int:
@@ -121,7 +139,17 @@ class RecurrentBPR:
         while self.capacity < n_items:
             extra = self.capacity
             self.X = np.ascontiguousarray(np.vstack([self.X, self._normal((extra, self.config.hidden_size))]))
-            self.V = np.ascontiguousarray(np.vstack([self.V, self._normal((extra, self.config.hidden_size))]))
+            if self.config.tie_embeddings:
+                self.V = self.X
+            else:
+                self.V = np.ascontiguousarray(np.vstack([self.V, self._normal((extra, self.config.hidden_size))]))
+            self.bias = np.concatenate([self.bias, np.zeros(extra, dtype=np.float32)])
+            self.acc_v = np.concatenate([self.acc_v, self._accumulator((extra,))])
+            if self.config.tie_embeddings:
+                self.acc_x = self.acc_v
+            else:
+                self.acc_x = np.concatenate([self.acc_x, self._accumulator((extra,))])
+            self.acc_bias = np.concatenate([self.acc_bias, self._accumulator((extra,))])
             self.stats.grow(2 * extra)
 
     def train_batch(
@@ -165,7 +193,8 @@ class RecurrentBPR:
             np.ascontiguousarray(offsets, dtype=np.int64),
         )
         kernels.train_batch(
-            (self.X, self.U, self.W, self.V),
+            (self.X, self.U, self.W, self.V, self.bias),
+            (self.acc_x, self.acc_u, self.acc_w, self.acc_v, self.acc_bias),
             states.as_tuple(),
             events,
             self.stats.as_tuple(),
@@ -185,6 +214,12 @@ class RecurrentBPR:
             float(config.popularity_alpha),
             int(kind),
             int(evaluate),
+            int(config.negatives),
+            kernels.NEGATIVES_HARDEST if config.negative_mode == "hardest" else kernels.NEGATIVES_SUM,
+            kernels.OPTIMIZER_ADAGRAD if config.optimizer == "adagrad" else kernels.OPTIMIZER_SGD,
+            int(config.item_bias),
+            float(config.recurrent_learning_rate_scale),
+            int(config.tie_embeddings),
         )
 
     def scores(self, hidden: np.ndarray) -> np.ndarray:
@@ -197,11 +232,11 @@ class RecurrentBPR:
         Returns
         -------
         ndarray, shape (capacity,), float32
-            ``hidden . V[j]`` for known items, -inf for the others.
+            ``hidden . V[j] + bias[j]`` for known items, -inf for the others.
         """
         out = np.empty(self.capacity, dtype=np.float32)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        kernels.score_items(hidden, self.V, self.stats.item_count, int(self.stats.meta[1]), out)
+        kernels.score_items(hidden, self.V, self.bias, self.stats.item_count, int(self.stats.meta[1]), out)
         return out
 
     def top_k(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,13 +258,15 @@ class RecurrentBPR:
             "window": self.config.window,
             "capacity": self.capacity,
             "known_items": self.known_items,
+            "tie_embeddings": self.config.tie_embeddings,
             "config": dataclasses.asdict(self.config),
         }
         buffer = io.BytesIO()
         np.savez(
             buffer,
             metadata=np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8),
-            X=self.X, U=self.U, W=self.W, V=self.V,
+            X=self.X, U=self.U, W=self.W, V=self.V, bias=self.bias,
+            acc_x=self.acc_x, acc_u=self.acc_u, acc_w=self.acc_w, acc_v=self.acc_v, acc_bias=self.acc_bias,
             item_count=self.stats.item_count,
             known_items=self.stats.known_items,
             meta=self.stats.meta,
@@ -239,7 +276,7 @@ class RecurrentBPR:
 
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig) -> "RecurrentBPR":
-        """Load a model saved by ``to_bytes``; its h and K must equal the config's.
+        """Load a model saved by ``to_bytes``; its h, K and tie_embeddings must equal the config's.
 
         Learning rate, L2, sampler and the other training settings come from
         ``config``, so they can change between runs.
@@ -247,18 +284,19 @@ class RecurrentBPR:
         Raises
         ------
         ModelFormatError
-            If the data is not a model of this format version, or its h, K or
-            array shapes do not match.
+            If the data is not a model of this format version, or its h, K,
+            tie_embeddings or array shapes do not match.
         """
         arrays = _read_npz(data)
         metadata = _read_metadata(arrays)
         _check_shapes(arrays, metadata, config)
 
         model = cls(dataclasses.replace(config, initial_items=int(metadata["capacity"])))
-        model.X = np.ascontiguousarray(arrays["X"], dtype=np.float32)
-        model.U = np.ascontiguousarray(arrays["U"], dtype=np.float32)
-        model.W = np.ascontiguousarray(arrays["W"], dtype=np.float32)
-        model.V = np.ascontiguousarray(arrays["V"], dtype=np.float32)
+        for name in PARAMETER_ARRAYS:
+            setattr(model, name, np.ascontiguousarray(arrays[name], dtype=np.float32))
+        if config.tie_embeddings:
+            model.V = model.X
+            model.acc_x = model.acc_v
         model.stats = ItemStats.empty(model.capacity, config.popularity_alpha)
         model.stats.item_count[:] = arrays["item_count"]
         model.stats.known_items[:] = arrays["known_items"]
@@ -274,7 +312,7 @@ def _read_npz(data: bytes) -> dict[str, np.ndarray]:
             return {name: archive[name] for name in archive.files}
     except Exception as exc:
         raise ModelFormatError(
-            f"Failed to read the model: not a drnn-stream model file ({exc}). "
+            f"Failed to read the model: not a drnn-stream model file ({type(exc).__name__}). "
             "Point to a file written by drnn-stream, or delete it to start from scratch."
         ) from exc
 
@@ -299,16 +337,21 @@ def _read_metadata(arrays: dict[str, np.ndarray]) -> dict:
 
 def _check_shapes(arrays: dict[str, np.ndarray], metadata: dict, config: ModelConfig) -> None:
     size, window = metadata.get("hidden_size"), metadata.get("window")
-    if size != config.hidden_size or window != config.window:
+    tied = metadata.get("tie_embeddings")
+    if size != config.hidden_size or window != config.window or tied != config.tie_embeddings:
         raise ModelShapeError(
-            f"Failed to load the model: it has hidden_size={size} and window={window}, but the settings ask for "
-            f"hidden_size={config.hidden_size} and window={config.window}. Use the model's values, "
+            f"Failed to load the model: it has hidden_size={size}, window={window} and tie_embeddings={tied}, "
+            f"but the settings ask for hidden_size={config.hidden_size}, window={config.window} and "
+            f"tie_embeddings={config.tie_embeddings}. Use the model's values, "
             "or start a new model in another checkpoint directory."
         )
     capacity = metadata.get("capacity")
     expected = {
         "X": ((capacity, size), np.float32), "V": ((capacity, size), np.float32),
         "U": ((size, size), np.float32), "W": ((size, size), np.float32),
+        "bias": ((capacity,), np.float32), "acc_x": ((capacity,), np.float32),
+        "acc_u": ((size, size), np.float32), "acc_w": ((size, size), np.float32),
+        "acc_v": ((capacity,), np.float32), "acc_bias": ((capacity,), np.float32),
         "item_count": ((capacity,), np.int64), "known_items": ((capacity,), np.int32),
         "meta": ((2,), np.int64), "rng_state": ((1,), np.uint64),
     }
@@ -319,11 +362,11 @@ def _check_shapes(arrays: dict[str, np.ndarray], metadata: dict, config: ModelCo
                 f"Failed to load the model: array {name} has {found}, expected shape {shape} and dtype "
                 f"{np.dtype(dtype).name}; the file is damaged"
             )
-    _check_item_statistics(arrays, capacity)
+    _check_values(arrays, capacity, bool(tied))
 
 
-def _check_item_statistics(arrays: dict[str, np.ndarray], capacity: int) -> None:
-    """Reject item statistics that would make the kernels index out of bounds."""
+def _check_values(arrays: dict[str, np.ndarray], capacity: int, tied: bool) -> None:
+    """Reject item statistics that would make the kernels index out of bounds, and broken parameters."""
     item_count, known_items, meta = arrays["item_count"], arrays["known_items"], arrays["meta"]
     n_known, n_rows = int(meta[0]), int(meta[1])
     problems = []
@@ -333,8 +376,14 @@ def _check_item_statistics(arrays: dict[str, np.ndarray], capacity: int) -> None
         problems.append(f"item_count has {int(np.count_nonzero(item_count))} known items, meta says {n_known}")
     elif np.any(known_items[:n_known] < 0) or np.any(known_items[:n_known] >= n_rows):
         problems.append(f"known_items holds indexes outside [0, {n_rows})")
-    for name in ("X", "U", "W", "V"):
+    for name in PARAMETER_ARRAYS:
         if not np.isfinite(arrays[name]).all():
             problems.append(f"{name} holds non-finite values")
+        elif name.startswith("acc_") and np.any(arrays[name] < 0.0):
+            problems.append(f"{name} holds negative Adagrad sums")
+    if tied and not np.array_equal(arrays["X"], arrays["V"]):
+        problems.append("X and V differ although the embeddings are tied")
+    if tied and not np.array_equal(arrays["acc_x"], arrays["acc_v"]):
+        problems.append("acc_x and acc_v differ although the embeddings are tied")
     if problems:
         raise ModelFormatError(f"Failed to load the model: {'; '.join(problems)}; the file is damaged")

@@ -14,7 +14,7 @@ import re
 import urllib.parse
 from typing import Any, Mapping
 
-from drnn_core.config import SAMPLERS, ModelConfig
+from drnn_core.config import NEGATIVE_MODES, OPTIMIZERS, SAMPLERS, ModelConfig
 from drnn_core.errors import ConfigError
 
 ENV_PREFIX = "DRNN_"
@@ -66,13 +66,20 @@ class Settings:
     max_id_length: int = _setting(256, "Longest accepted user or item id in characters.", low=1, high=65536)
     hidden_size: int = _setting(64, "Model hidden size h.", low=1, high=4096)
     window: int = _setting(4, "Items kept per user and BPTT depth K.", low=1, high=64)
-    learning_rate: float = _setting(0.05, "SGD learning rate.")
+    learning_rate: float = _setting(0.2, "Learning rate of SGD, or base learning rate of Adagrad.")
     l2: float = _setting(1e-5, "L2 penalty lambda on the parameters of each update.")
     max_grad_norm: float = _setting(5.0, "Clip each event's gradient to this global L2 norm.")
     sampler: str = _setting("uniform", "Negative sampler: uniform or popularity.", choices=SAMPLERS)
     popularity_alpha: float = _setting(0.75, "Exponent of the popularity sampler, count**alpha.")
     init_scale: float = _setting(0.1, "Standard deviation of the initial weights.")
     seed: int = _setting(42, "Seed of the initial weights and the negative sampler.", low=0, high=2**63 - 1)
+    negatives: int = _setting(64, "Negatives drawn per event.", low=1, high=256)
+    negative_mode: str = _setting("sum", "sum: one BPR term per negative; hardest: only the best-scored negative.", choices=NEGATIVE_MODES)
+    optimizer: str = _setting("adagrad", "sgd, or adagrad: one accumulator per embedding row, per element of U and W, and per item bias.", choices=OPTIMIZERS)
+    item_bias: bool = _setting(True, "Add a learned bias per item to its score.")
+    recurrent_learning_rate_scale: float = _setting(1.0, "Factor on the learning rate of U and W.")
+    adagrad_initial_accumulator: float = _setting(0.1, "Starting value of every Adagrad accumulator.")
+    tie_embeddings: bool = _setting(True, "Use one item embedding for input and output (X = V); it must match the checkpoint loaded.")
     evaluate: bool = _setting(True, "Rank each event's item before training on it (prequential HR@10 and MRR@10).")
     checkpoint_dir: str = _setting("checkpoints", "Directory of model checkpoints; the newest is loaded at start.")
     checkpoint_every_events: int = _setting(100000, "Write a checkpoint after this many applied events (0: never by count).", low=0, high=2**62)
@@ -122,6 +129,13 @@ class Settings:
             popularity_alpha=self.popularity_alpha,
             init_scale=self.init_scale,
             seed=self.seed,
+            negatives=self.negatives,
+            negative_mode=self.negative_mode,
+            optimizer=self.optimizer,
+            item_bias=self.item_bias,
+            recurrent_learning_rate_scale=self.recurrent_learning_rate_scale,
+            adagrad_initial_accumulator=self.adagrad_initial_accumulator,
+            tie_embeddings=self.tie_embeddings,
         )
 
     def redacted(self) -> dict[str, Any]:

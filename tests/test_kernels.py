@@ -23,7 +23,8 @@ N_ITEMS = 16
 # Central differences with step FD_STEP on a float64 loss of size ~1 have a
 # truncation error ~FD_STEP**2 * |L'''| (1e-12) and a rounding error
 # ~1e-16 * |L| / FD_STEP (1e-10), so the reference's analytic gradient must match
-# them to about 1e-8.
+# them to about 1e-8. A sum of four BPR terms is ~4 times larger, which the
+# tolerances still cover.
 FD_STEP = 1e-6
 FD_RTOL = 1e-6
 FD_ATOL = 1e-8
@@ -36,24 +37,40 @@ FD_ATOL = 1e-8
 KERNEL_RTOL = 1e-4
 KERNEL_ATOL_FRACTION = 1e-5
 
-# Windows of the gradient checks: distinct items, an item at three positions,
-# and the positive item inside the window (X and V rows are separate parameters).
+# Events of the gradient checks, as (window, positive, negatives): distinct items,
+# an item at three positions, the positive inside the window, several negatives
+# with one drawn twice, and negatives inside the window. With tied embeddings
+# the rows of the last case are X and V rows at once.
 WINDOWS = {
-    "distinct": ([3, 7, 1, 12], 9, 4),
-    "repeated": ([5, 2, 5, 5], 9, 4),
-    "positive_in_window": ([3, 9, 1], 9, 0),
+    "distinct": ([3, 7, 1, 12], 9, [4]),
+    "repeated": ([5, 2, 5, 5], 9, [4]),
+    "positive_in_window": ([3, 9, 1], 9, [0]),
+    "several_negatives": ([3, 7, 1], 9, [4, 0, 4, 13]),
+    "negatives_in_window": ([3, 7, 1, 7], 9, [7, 2, 3]),
 }
-GRADIENT_NAMES = ("X", "U", "W", "V_pos", "V_neg")
+BPTT_NAMES = ("X", "U", "W", "V_pos", "bias_pos", "V_neg", "bias_neg")
+FULL_NAMES = ("X", "U", "W", "V", "bias")
+OPTIMIZERS = {"sgd": kernels.OPTIMIZER_SGD, "adagrad": kernels.OPTIMIZER_ADAGRAD}
 
 
 # Builders of kernel inputs.
 
 
-def _random_params(seed, n_items=N_ITEMS, size=HIDDEN, scale=0.5):
-    """Return (X, U, W, V) as C-ordered float32 arrays of normal values."""
+def _random_params(seed, n_items=N_ITEMS, size=HIDDEN, scale=0.5, tied=False):
+    """Return (X, U, W, V, bias) as C-ordered float32 arrays of normal values; V is X when tied."""
     rng = np.random.default_rng(seed)
-    shapes = [(n_items, size), (size, size), (size, size), (n_items, size)]
-    return tuple(np.ascontiguousarray(rng.normal(0.0, scale, shape), dtype=np.float32) for shape in shapes)
+    shapes = [(n_items, size), (size, size), (size, size), (n_items, size), (n_items,)]
+    X, U, W, V, bias = (np.ascontiguousarray(rng.normal(0.0, scale, shape), dtype=np.float32) for shape in shapes)
+    return (X, U, W, X if tied else V, bias)
+
+
+def _accumulators(params, value=0.1):
+    """Return Adagrad sums of ``value`` for ``params``; acc_x is acc_v when X is V, as in the model."""
+    X, U, _, _, _ = params
+    acc_v = np.full(X.shape[0], value, dtype=np.float32)
+    acc_x = acc_v if params[0] is params[3] else np.full(X.shape[0], value, dtype=np.float32)
+    return (acc_x, np.full(U.shape, value, dtype=np.float32), np.full(U.shape, value, dtype=np.float32),
+            acc_v, np.full(X.shape[0], value, dtype=np.float32))
 
 
 def _random_hidden(seed, size=HIDDEN):
@@ -62,60 +79,70 @@ def _random_hidden(seed, size=HIDDEN):
 
 
 def _float64(arrays):
-    return tuple(np.array(array, dtype=np.float64) for array in arrays)
+    """Return float64 copies of the arrays, keeping the identity of arrays passed twice (tied X and V)."""
+    copies = {}
+    result = []
+    for array in arrays:
+        if id(array) not in copies:
+            copies[id(array)] = np.array(array, dtype=np.float64)
+        result.append(copies[id(array)])
+    return tuple(result)
 
 
 def _kernel_forward(params, start_hidden, items):
-    X, U, W, _ = params
+    X, U, W = params[:3]
     items = np.asarray(items, dtype=np.int32)
     states = np.zeros((len(items) + 1, U.shape[0]), dtype=np.float32)
     kernels.forward_window(X, U, W, start_hidden, items, len(items), states)
     return states
 
 
-def _kernel_bptt_buffers(params, start_hidden, items, positive, negative):
-    """Run kernels.bptt_gradients and return its raw output buffers."""
-    X, U, W, V = params
-    size = U.shape[0]
+def _gradient_buffers(size, length, n_negatives):
+    return (np.zeros((length, size), dtype=np.float32), np.zeros((2 * size, size), dtype=np.float32),
+            np.zeros((n_negatives + 1, size), dtype=np.float32), np.zeros(n_negatives + 1, dtype=np.float32))
+
+
+def _kernel_bptt_buffers(params, start_hidden, items, positive, negatives):
+    """Run kernels.bptt_gradients and return its raw output buffers and its loss."""
+    size = params[1].shape[0]
     items = np.asarray(items, dtype=np.int32)
+    negatives = np.asarray(negatives, dtype=np.int64)
     states = _kernel_forward(params, start_hidden, items)
 
-    grad_x = np.zeros((len(items), size), dtype=np.float32)
-    grad_u_w = np.zeros((2 * size, size), dtype=np.float32)
-    grad_v_pos = np.zeros(size, dtype=np.float32)
-    grad_v_neg = np.zeros(size, dtype=np.float32)
+    grads = _gradient_buffers(size, len(items), len(negatives))
     scratch_dh = np.zeros(size, dtype=np.float32)
     scratch_delta = np.zeros(size, dtype=np.float32)
-    kernels.bptt_gradients(X, U, W, V, items, len(items), positive, negative, states,
-                           grad_x, grad_u_w, grad_v_pos, grad_v_neg, scratch_dh, scratch_delta)
-    return grad_x, grad_u_w, grad_v_pos, grad_v_neg
+    loss = kernels.bptt_gradients(params, items, len(items), positive, negatives, len(negatives), states,
+                                  grads, scratch_dh, scratch_delta)
+    return grads, loss
 
 
-def _kernel_bptt(params, start_hidden, items, positive, negative):
+def _kernel_bptt(params, start_hidden, items, positive, negatives):
     """Return the kernel's BPR gradients in the layout of reference.bptt_gradients."""
-    grad_x, grad_u_w, grad_v_pos, grad_v_neg = _kernel_bptt_buffers(params, start_hidden, items, positive, negative)
+    (grad_x, grad_u_w, grad_v, grad_bias), _ = _kernel_bptt_buffers(params, start_hidden, items, positive, negatives)
     size = params[1].shape[0]
     return {"X": grad_x, "U": grad_u_w[:size].copy(), "W": grad_u_w[size:].copy(),
-            "V_pos": grad_v_pos, "V_neg": grad_v_neg}
+            "V_pos": grad_v[0], "bias_pos": grad_bias[0], "V_neg": grad_v[1:], "bias_neg": grad_bias[1:]}
 
 
-def _kernel_sgd(params, items, positive, negative, buffers, learning_rate, l2, max_grad_norm):
+def _kernel_sgd(params, accumulators, items, positive, negatives, buffers, learning_rate, l2, max_grad_norm, *,
+                optimizer="sgd", item_bias=True, recurrent_scale=1.0):
     """Run kernels.sgd_update on the gradient buffers and return whether it applied the step."""
     size = params[1].shape[0]
     items = np.asarray(items, dtype=np.int32)
-    grad_x, grad_u_w, grad_v_pos, grad_v_neg = buffers
-    new_x = np.zeros((len(items), size), dtype=np.float32)
-    new_u_w = np.zeros((2 * size, size), dtype=np.float32)
-    new_v = np.zeros((2, size), dtype=np.float32)
-    return bool(kernels.sgd_update(params, items, len(items), positive, negative,
-                                   grad_x, grad_u_w, grad_v_pos, grad_v_neg,
-                                   learning_rate, l2, max_grad_norm, new_x, new_u_w, new_v))
-
-
-def _sum_rows_per_item(grad_x, items, rows):
-    """Sum per-position gradient rows into one row per distinct item."""
-    items = np.asarray(items)
-    return np.stack([np.asarray(grad_x, dtype=np.float64)[items == row].sum(axis=0) for row in rows])
+    negatives = np.asarray(negatives, dtype=np.int64)
+    terms = len(negatives) + 1
+    scratch = (
+        np.zeros((len(items), size), dtype=np.float32), np.zeros((2 * size, size), dtype=np.float32),
+        np.zeros((terms, size), dtype=np.float32), np.zeros(terms, dtype=np.float32),
+        np.zeros(len(items), dtype=np.float32), np.zeros((2 * size, size), dtype=np.float32),
+        np.zeros(terms, dtype=np.float32), np.zeros(terms, dtype=np.float32),
+        np.zeros(len(items), dtype=np.int64),
+    )
+    step_hyper = (float(learning_rate), float(l2), float(max_grad_norm), OPTIMIZERS[optimizer], int(item_bias),
+                  float(recurrent_scale), int(params[0] is params[3]))
+    return bool(kernels.sgd_update(params, accumulators, items, len(items), positive, negatives, len(negatives),
+                                   buffers, step_hyper, scratch))
 
 
 def _assert_kernel_close(actual, expected):
@@ -141,29 +168,35 @@ def _central_difference(loss, target):
     return grad
 
 
-def _finite_difference_gradients(params, start_hidden, items, positive, negative, l2):
-    """Return every gradient of reference.window_loss by central differences, keyed like full_gradient_with_l2."""
-    X, U, W, V = params
+def _finite_difference_gradients(params, start_hidden, items, positive, negatives, l2, item_bias=True):
+    """Return every gradient of reference.window_loss by central differences, keyed like full_gradient_with_l2.
+
+    With tied embeddings the X rows that are also V rows are perturbed once, as V rows.
+    """
+    X, U, W, V, bias = params
 
     def loss():
-        return reference.window_loss(params, start_hidden, items, positive, negative, l2)
+        return reference.window_loss(params, start_hidden, items, positive, negatives, l2, item_bias=item_bias)
 
-    rows = reference.distinct_items(items)
+    x_rows = reference.input_rows(params, items, positive, negatives)
+    v_rows = reference.scored_rows(positive, negatives)
+    size = U.shape[0]
     return {
-        "x_rows": rows,
-        "X": np.stack([_central_difference(loss, X[row]) for row in rows]),
+        "x_rows": x_rows,
+        "X": np.stack([_central_difference(loss, X[row]) for row in x_rows]) if len(x_rows) else np.zeros((0, size)),
         "U": _central_difference(loss, U),
         "W": _central_difference(loss, W),
-        "V_pos": _central_difference(loss, V[positive]),
-        "V_neg": _central_difference(loss, V[negative]),
+        "v_rows": v_rows,
+        "V": np.stack([_central_difference(loss, V[row]) for row in v_rows]),
+        "bias": np.concatenate([_central_difference(loss, bias[row:row + 1]) for row in v_rows]),
     }
 
 
-def _gradient_case(window_name, seed=11):
-    items, positive, negative = WINDOWS[window_name]
-    params32 = _random_params(seed)
+def _gradient_case(window_name, seed=11, tied=False):
+    items, positive, negatives = WINDOWS[window_name]
+    params32 = _random_params(seed, tied=tied)
     start_hidden32 = _random_hidden(seed)
-    return params32, start_hidden32, items, positive, negative
+    return params32, start_hidden32, items, positive, negatives
 
 
 # Builders of train_batch inputs.
@@ -174,6 +207,7 @@ class KernelRun:
     """Everything kernels.train_batch reads and writes, plus the settings of the run."""
 
     params: tuple
+    accumulators: tuple
     states: UserStateBatch
     stats: ItemStats
     rng_state: np.ndarray
@@ -182,31 +216,45 @@ class KernelRun:
     max_grad_norm: float = 1.0
     alpha: float = 0.75
     kind: int = UNIFORM
+    negatives: int = 1
+    negative_mode: int = kernels.NEGATIVES_SUM
+    optimizer: str = "sgd"
+    item_bias: bool = False
+    recurrent_scale: float = 1.0
 
     @classmethod
-    def create(cls, seed, *, n_users=6, n_items=24, size=8, window=3, scale=0.3, **options):
+    def create(cls, seed, *, n_users=6, n_items=24, size=8, window=3, scale=0.3, tied=False, **options):
+        params = _random_params(seed, n_items=n_items, size=size, scale=scale, tied=tied)
+        if not options.get("item_bias", False):
+            params[4][:] = 0.0
         return cls(
-            params=_random_params(seed, n_items=n_items, size=size, scale=scale),
+            params=params,
+            accumulators=_accumulators(params),
             states=UserStateBatch.empty(n_users, size, window),
             stats=ItemStats.empty(n_items, options.get("alpha", 0.75)),
             rng_state=np.array([seed], dtype=np.uint64),
             **options,
         )
 
+    @property
+    def tied(self):
+        return self.params[0] is self.params[3]
+
     def hyper(self, evaluate=True):
         return (float(self.learning_rate), float(self.l2), float(self.max_grad_norm), float(self.alpha),
-                int(self.kind), int(evaluate))
+                int(self.kind), int(evaluate), int(self.negatives), int(self.negative_mode),
+                OPTIMIZERS[self.optimizer], int(self.item_bias), float(self.recurrent_scale), int(self.tied))
 
     def train(self, events, evaluate=True):
         """Run kernels.train_batch and return (status, loss, rank)."""
         size = events[0].shape[0]
         outputs = (np.zeros(size, dtype=np.int8), np.zeros(size, dtype=np.float32), np.zeros(size, dtype=np.int64))
-        kernels.train_batch(self.params, self.states.as_tuple(), events, self.stats.as_tuple(),
+        kernels.train_batch(self.params, self.accumulators, self.states.as_tuple(), events, self.stats.as_tuple(),
                             self.hyper(evaluate), self.rng_state, outputs)
         return outputs
 
     def reference_copy(self):
-        """Return float64 params, states and item stats equal to the current kernel ones."""
+        """Return float64 params, accumulators, states and item stats equal to the current kernel ones."""
         states = UserStateBatch(**{
             field.name: np.array(getattr(self.states, field.name)) for field in dataclasses.fields(UserStateBatch)
         })
@@ -217,12 +265,16 @@ class KernelRun:
             known_items=[int(item) for item in self.stats.known_items[: self.stats.n_known]],
             n_rows=int(self.stats.meta[sampling.N_ROWS]),
         )
-        return _float64(self.params), states, item_stats
+        return _float64(self.params), _float64(self.accumulators), states, item_stats
+
+    def reference_options(self):
+        return {"optimizer": self.optimizer, "item_bias": self.item_bias,
+                "recurrent_learning_rate_scale": self.recurrent_scale}
 
     def draw_negatives(self, events):
-        """Replay the sampler calls train_batch makes for ``events``, on copies of its state.
+        """Replay the sampler calls train_batch makes for ``events`` in NEGATIVES_SUM mode, on copies of its state.
 
-        Which events draw a negative depends only on the events (duplicate rule and
+        Which events draw negatives depends only on the events (duplicate rule and
         window length), so the copies see the same calls in the same order.
         """
         sampler = tuple(array.copy() for array in self.stats.as_tuple())
@@ -233,13 +285,16 @@ class KernelRun:
         capacity = self.states.window.shape[1]
         slots, items, partitions, offsets = events
 
-        negatives = np.full(slots.shape[0], -1, dtype=np.int64)
+        negatives = [[] for _ in range(slots.shape[0])]
         for e in range(slots.shape[0]):
             slot = slots[e]
             if last_partition[slot] == partitions[e] and offsets[e] <= last_offset[slot]:
                 continue
             if window_len[slot] > 0:
-                negatives[e] = sampling.sample_negative(sampler, int(items[e]), self.kind, rng_state)
+                for _ in range(self.negatives):
+                    negative = sampling.sample_negative(sampler, int(items[e]), self.kind, rng_state)
+                    if negative >= 0:
+                        negatives[e].append(int(negative))
             window_len[slot] = min(capacity, window_len[slot] + 1)
             last_partition[slot] = partitions[e]
             last_offset[slot] = offsets[e]
@@ -299,6 +354,7 @@ def test_reference_constants_match_kernels():
         (reference.STATUS_DUPLICATE, kernels.STATUS_DUPLICATE),
         (reference.RANK_UNKNOWN_ITEM, kernels.RANK_UNKNOWN_ITEM),
         (reference.RANK_NOT_EVALUATED, kernels.RANK_NOT_EVALUATED),
+        (reference.ADAGRAD_EPSILON, kernels.ADAGRAD_EPSILON),
     ]
     for reference_value, kernel_value in pairs:
         assert reference_value == kernel_value
@@ -322,7 +378,7 @@ def test_forward_window_matches_reference(length):
     items = [3, 7, 3, 0][:length]
 
     actual = _kernel_forward(params, start_hidden, items)
-    X, U, W, _ = _float64(params)
+    X, U, W = _float64(params[:3])
     expected = reference.forward_window(X, U, W, start_hidden.astype(np.float64), items)
 
     _assert_kernel_close(actual, expected)
@@ -356,63 +412,97 @@ def test_bpr_loss_matches_reference(margin_scale):
         assert dloss_dx == pytest.approx(expected_dloss_dx, rel=1e-5, abs=x_error)
 
 
+def test_item_score_adds_bias():
+    hidden = np.array([1.0, 2.0], dtype=np.float32)
+    V = np.array([[0.5, 0.25], [1.0, -1.0]], dtype=np.float32)
+    bias = np.array([0.125, -2.0], dtype=np.float32)
+
+    scores = [kernels.item_score(hidden, V, bias, item) for item in range(2)]
+
+    assert scores == [1.125, -3.0]
+
+
+@pytest.mark.parametrize("window_name", sorted(WINDOWS))
+def test_bptt_gradients_loss_matches_reference(window_name):
+    params32, start_hidden32, items, positive, negatives = _gradient_case(window_name)
+
+    _, loss = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    expected = reference.window_loss(_float64(params32), start_hidden32.astype(np.float64), items, positive,
+                                     negatives, 0.0)
+
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
 # Gradients: kernel against reference, and both against finite differences.
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("window_name", sorted(WINDOWS))
-def test_bptt_gradients_match_reference(window_name):
-    params32, start_hidden32, items, positive, negative = _gradient_case(window_name)
+def test_bptt_gradients_match_reference(window_name, tied):
+    params32, start_hidden32, items, positive, negatives = _gradient_case(window_name, tied=tied)
 
-    actual = _kernel_bptt(params32, start_hidden32, items, positive, negative)
+    actual = _kernel_bptt(params32, start_hidden32, items, positive, negatives)
     expected = reference.bptt_gradients(_float64(params32), start_hidden32.astype(np.float64),
-                                        items, positive, negative)
+                                        items, positive, negatives)
 
-    for name in GRADIENT_NAMES:
+    for name in BPTT_NAMES:
         _assert_kernel_close(actual[name], expected[name])
 
 
-@pytest.mark.parametrize("name", GRADIENT_NAMES)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("window_name", sorted(WINDOWS))
-def test_reference_gradients_match_finite_differences(window_name, name):
-    params32, start_hidden32, items, positive, negative = _gradient_case(window_name)
+def test_reference_gradients_match_finite_differences(window_name, tied):
+    params32, start_hidden32, items, positive, negatives = _gradient_case(window_name, tied=tied)
     params = _float64(params32)
     start_hidden = start_hidden32.astype(np.float64)
 
-    grads = reference.bptt_gradients(params, start_hidden, items, positive, negative)
-    analytic = reference.full_gradient_with_l2(params, items, positive, negative, grads, 0.0)
-    numeric = _finite_difference_gradients(params, start_hidden, items, positive, negative, 0.0)
+    grads = reference.bptt_gradients(params, start_hidden, items, positive, negatives)
+    analytic = reference.full_gradient_with_l2(params, items, positive, negatives, grads, 0.0)
+    numeric = _finite_difference_gradients(params, start_hidden, items, positive, negatives, 0.0)
 
-    np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=FD_ATOL)
+    for name in ("x_rows", "v_rows"):
+        np.testing.assert_array_equal(analytic[name], numeric[name], err_msg=name)
+    for name in FULL_NAMES:
+        np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=FD_ATOL, err_msg=name)
 
 
-@pytest.mark.parametrize("name", GRADIENT_NAMES)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("window_name", sorted(WINDOWS))
-def test_kernel_gradients_match_finite_differences(window_name, name):
-    params32, start_hidden32, items, positive, negative = _gradient_case(window_name)
-    numeric = _finite_difference_gradients(_float64(params32), start_hidden32.astype(np.float64),
-                                           items, positive, negative, 0.0)
+def test_kernel_gradients_match_finite_differences(window_name, tied):
+    # The kernel's per-position and per-draw rows are summed per parameter row by
+    # the reference's merge, which the previous test checks on its own.
+    params32, start_hidden32, items, positive, negatives = _gradient_case(window_name, tied=tied)
+    params = _float64(params32)
+    numeric = _finite_difference_gradients(params, start_hidden32.astype(np.float64), items, positive,
+                                           negatives, 0.0)
 
-    actual = _kernel_bptt(params32, start_hidden32, items, positive, negative)
-    if name == "X":
-        actual_value = _sum_rows_per_item(actual["X"], items, numeric["x_rows"])
-    else:
-        actual_value = actual[name]
+    kernel_grads = {name: np.asarray(value, dtype=np.float64)
+                    for name, value in _kernel_bptt(params32, start_hidden32, items, positive, negatives).items()}
+    actual = reference.full_gradient_with_l2(params, items, positive, negatives, kernel_grads, 0.0)
 
-    _assert_kernel_close(actual_value, numeric[name])
+    for name in FULL_NAMES:
+        if numeric[name].size:
+            _assert_kernel_close(actual[name], numeric[name])
 
 
-@pytest.mark.parametrize("name", GRADIENT_NAMES)
-def test_full_gradient_with_l2_matches_finite_differences(name):
-    params32, start_hidden32, items, positive, negative = _gradient_case("repeated")
+@pytest.mark.parametrize("item_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_full_gradient_with_l2_matches_finite_differences(tied, item_bias):
+    params32, start_hidden32, items, positive, negatives = _gradient_case("negatives_in_window", tied=tied)
     params = _float64(params32)
     start_hidden = start_hidden32.astype(np.float64)
     l2 = 0.05
 
-    grads = reference.bptt_gradients(params, start_hidden, items, positive, negative)
-    analytic = reference.full_gradient_with_l2(params, items, positive, negative, grads, l2)
-    numeric = _finite_difference_gradients(params, start_hidden, items, positive, negative, l2)
+    grads = reference.bptt_gradients(params, start_hidden, items, positive, negatives)
+    analytic = reference.full_gradient_with_l2(params, items, positive, negatives, grads, l2, item_bias=item_bias)
+    numeric = _finite_difference_gradients(params, start_hidden, items, positive, negatives, l2, item_bias)
 
-    np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=FD_ATOL)
+    for name in ("X", "U", "W", "V"):
+        np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=FD_ATOL, err_msg=name)
+    if item_bias:
+        np.testing.assert_allclose(analytic["bias"], numeric["bias"], rtol=FD_RTOL, atol=FD_ATOL)
+    else:
+        np.testing.assert_array_equal(analytic["bias"], 0.0)
 
 
 def test_merge_duplicate_rows_sums_into_first_position():
@@ -428,28 +518,114 @@ def test_merge_duplicate_rows_sums_into_first_position():
     np.testing.assert_array_equal(grad_x[2:], 0.0)
 
 
-# SGD step.
+def test_merge_duplicate_negatives_sums_into_first_draw():
+    negatives = np.array([4, 0, 4, 4], dtype=np.int64)
+    grad_v = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    grad_bias = np.arange(5, dtype=np.float32)
+    expected_v = grad_v[1] + grad_v[3] + grad_v[4]
+
+    kernels.merge_duplicate_negatives(negatives, 4, grad_v, grad_bias)
+
+    np.testing.assert_array_equal(grad_v[1], expected_v)
+    assert grad_bias[1] == 1.0 + 3.0 + 4.0
+    np.testing.assert_array_equal(grad_v[3:], 0.0)
+    np.testing.assert_array_equal(grad_bias[3:], 0.0)
 
 
+def test_merge_tied_rows_moves_scored_window_rows():
+    items = np.array([3, 9, 7, 1], dtype=np.int32)
+    negatives = np.array([7, 2], dtype=np.int64)
+    grad_x = np.arange(4 * 2, dtype=np.float32).reshape(4, 2)
+    grad_v = np.ones((3, 2), dtype=np.float32)
+    x_target = np.zeros(4, dtype=np.int64)
+
+    kernels.merge_tied_rows(items, 4, 9, negatives, 2, grad_x, grad_v, x_target)
+
+    np.testing.assert_array_equal(x_target, [-1, 0, 1, -1])
+    np.testing.assert_array_equal(grad_v[0], [3.0, 4.0])
+    np.testing.assert_array_equal(grad_v[1], [5.0, 6.0])
+    np.testing.assert_array_equal(grad_x[1:3], 0.0)
+
+
+# Negative draws.
+
+
+def test_draw_negatives_sum_keeps_every_draw():
+    stats = ItemStats.empty(10, 0.75)
+    for item in range(10):
+        sampling.record_item(stats.as_tuple(), item, 0.75)
+    params = _random_params(3, n_items=10)
+    out = np.zeros(5, dtype=np.int64)
+    rng_state = np.array([7], dtype=np.uint64)
+    expected_rng = rng_state.copy()
+    expected = [sampling.sample_negative(stats.as_tuple(), 2, UNIFORM, expected_rng) for _ in range(5)]
+
+    kept = kernels.draw_negatives(stats.as_tuple(), 2, UNIFORM, rng_state, 5, kernels.NEGATIVES_SUM,
+                                  _random_hidden(4), params[3], params[4], out)
+
+    assert kept == 5
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(rng_state, expected_rng)
+
+
+def test_draw_negatives_hardest_keeps_best_scored_draw():
+    stats = ItemStats.empty(10, 0.75)
+    for item in range(10):
+        sampling.record_item(stats.as_tuple(), item, 0.75)
+    params = _random_params(3, n_items=10)
+    hidden = _random_hidden(4)
+    out = np.zeros(5, dtype=np.int64)
+    rng_state = np.array([7], dtype=np.uint64)
+    draws_rng = rng_state.copy()
+    draws = [sampling.sample_negative(stats.as_tuple(), 2, UNIFORM, draws_rng) for _ in range(5)]
+    scores = reference.score_items(*_float64((hidden, params[3], params[4])), stats.item_count, 10)
+
+    kept = kernels.draw_negatives(stats.as_tuple(), 2, UNIFORM, rng_state, 5, kernels.NEGATIVES_HARDEST,
+                                  hidden, params[3], params[4], out)
+
+    assert kept == 1
+    assert out[0] == draws[int(np.argmax(scores[draws]))]
+
+
+def test_draw_negatives_no_other_item_keeps_none():
+    stats = ItemStats.empty(4, 0.75)
+    sampling.record_item(stats.as_tuple(), 2, 0.75)
+    params = _random_params(3, n_items=4)
+    out = np.zeros(3, dtype=np.int64)
+
+    kept = kernels.draw_negatives(stats.as_tuple(), 2, UNIFORM, np.array([1], dtype=np.uint64), 3,
+                                  kernels.NEGATIVES_SUM, _random_hidden(4), params[3], params[4], out)
+
+    assert kept == 0
+
+
+# SGD and Adagrad steps.
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("window_name", sorted(WINDOWS))
 @pytest.mark.parametrize("max_grad_norm", [1e6, 1e-2])
 @pytest.mark.parametrize("l2", [0.01, 0.5])
-def test_sgd_update_matches_reference(window_name, max_grad_norm, l2):
+def test_sgd_update_matches_reference(window_name, max_grad_norm, l2, tied, optimizer):
     # With l2 = 0.5 the L2 term dominates the gradient, so a clipped step shows
-    # whether each distinct X row enters the norm once.
-    params32, start_hidden32, items, positive, negative = _gradient_case(window_name)
-    params = _float64(params32)
+    # whether each distinct row enters the norm once.
+    params32, start_hidden32, items, positive, negatives = _gradient_case(window_name, tied=tied)
+    accumulators32 = _accumulators(params32)
+    params, accumulators = _float64(params32), _float64(accumulators32)
     learning_rate = 0.5
 
-    buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
-    applied = _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, l2, max_grad_norm)
-    grads = reference.bptt_gradients(params, start_hidden32.astype(np.float64), items, positive, negative)
-    expected_applied = reference.sgd_update(params, items, positive, negative, grads,
-                                            learning_rate, l2, max_grad_norm)
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    applied = _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, learning_rate, l2,
+                          max_grad_norm, optimizer=optimizer, recurrent_scale=0.5)
+    grads = reference.bptt_gradients(params, start_hidden32.astype(np.float64), items, positive, negatives)
+    expected_applied = reference.sgd_update(params, accumulators, items, positive, negatives, grads,
+                                            learning_rate, l2, max_grad_norm, optimizer=optimizer,
+                                            recurrent_learning_rate_scale=0.5)
 
     assert applied is True
     assert expected_applied is True
-    for actual, expected in zip(params32, params):
+    for actual, expected in zip(params32 + accumulators32, params + accumulators):
         # Updated values are float32-rounded (6e-8 relative) sums of the old value
         # and a step that carries the gradient's own 1.5e-6 relative error.
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
@@ -457,33 +633,87 @@ def test_sgd_update_matches_reference(window_name, max_grad_norm, l2):
 
 @pytest.mark.parametrize("l2", [0.0, 0.5])
 def test_sgd_update_clips_step_to_max_grad_norm(l2):
-    params32, start_hidden32, items, positive, negative = _gradient_case("repeated")
+    params32, start_hidden32, items, positive, negatives = _gradient_case("several_negatives")
     before = _float64(params32)
     learning_rate, max_grad_norm = 1.0, 0.1
 
-    buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
-    applied = _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, l2, max_grad_norm)
-    rows = reference.distinct_items(items)
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    applied = _kernel_sgd(params32, _accumulators(params32), items, positive, negatives, buffers,
+                          learning_rate, l2, max_grad_norm)
+    x_rows = reference.distinct_items(items)
+    v_rows = reference.scored_rows(positive, negatives)
     after = _float64(params32)
-    changes = [after[0][rows] - before[0][rows], after[1] - before[1], after[2] - before[2],
-               after[3][[positive, negative]] - before[3][[positive, negative]]]
+    changes = [after[0][x_rows] - before[0][x_rows], after[1] - before[1], after[2] - before[2],
+               after[3][v_rows] - before[3][v_rows], after[4][v_rows] - before[4][v_rows]]
     step_norm = np.sqrt(sum(np.sum(change**2) for change in changes))
 
     assert applied is True
     assert step_norm == pytest.approx(learning_rate * max_grad_norm, rel=1e-4)
 
 
-def test_sgd_update_leaves_untouched_rows_unchanged():
-    params32, start_hidden32, items, positive, negative = _gradient_case("distinct")
-    before = tuple(array.copy() for array in params32)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_sgd_update_leaves_untouched_rows_unchanged(optimizer):
+    params32, start_hidden32, items, positive, negatives = _gradient_case("several_negatives")
+    accumulators32 = _accumulators(params32)
+    before = tuple(array.copy() for array in params32 + accumulators32)
     untouched = np.setdiff1d(np.arange(N_ITEMS), items)
-    other_v = np.setdiff1d(np.arange(N_ITEMS), [positive, negative])
+    other_v = np.setdiff1d(np.arange(N_ITEMS), [positive] + negatives)
 
-    buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
-    _kernel_sgd(params32, items, positive, negative, buffers, 0.5, 0.01, 1e6)
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, 0.5, 0.01, 1e6, optimizer=optimizer)
 
     np.testing.assert_array_equal(params32[0][untouched], before[0][untouched])
     np.testing.assert_array_equal(params32[3][other_v], before[3][other_v])
+    np.testing.assert_array_equal(params32[4][other_v], before[4][other_v])
+    np.testing.assert_array_equal(accumulators32[0][untouched], before[5][untouched])
+    np.testing.assert_array_equal(accumulators32[3][other_v], before[8][other_v])
+
+
+def test_sgd_update_without_item_bias_keeps_bias():
+    params32, start_hidden32, items, positive, negatives = _gradient_case("several_negatives")
+    accumulators32 = _accumulators(params32)
+    bias_before = params32[4].copy()
+    acc_before = accumulators32[4].copy()
+
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    applied = _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, 0.5, 0.01, 1e6,
+                          optimizer="adagrad", item_bias=False)
+
+    assert applied is True
+    np.testing.assert_array_equal(params32[4], bias_before)
+    np.testing.assert_array_equal(accumulators32[4], acc_before)
+
+
+def test_sgd_update_sgd_keeps_accumulators():
+    params32, start_hidden32, items, positive, negatives = _gradient_case("distinct")
+    accumulators32 = _accumulators(params32)
+    before = tuple(array.copy() for array in accumulators32)
+
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, 0.5, 0.01, 1e6, optimizer="sgd")
+
+    for actual, expected in zip(accumulators32, before):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_sgd_update_adagrad_first_step_is_bounded():
+    # From accumulators of 0, a row's first step is lr * g / sqrt(mean(g**2)) for
+    # the X and V rows and lr * g / |g| per element of U, W and the biases, so
+    # the root mean square of every row's step is at most lr.
+    params32, start_hidden32, items, positive, negatives = _gradient_case("several_negatives")
+    accumulators32 = _accumulators(params32, value=0.0)
+    before = _float64(params32)
+    learning_rate = 0.25
+
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+    _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, learning_rate, 0.0, 1e6,
+                optimizer="adagrad")
+
+    for actual, expected in zip(_float64(params32), before):
+        change = np.atleast_2d(actual - expected)
+        if change.shape[0] == 1:
+            change = change.T
+        assert np.max(np.sqrt(np.mean(change**2, axis=1))) <= learning_rate * (1.0 + 1e-5)
 
 
 def _absurd_step_case():
@@ -493,37 +723,42 @@ def _absurd_step_case():
     is below max_grad_norm = 5 and the step 1e38 * 4.0 = 4e38 exceeds the float32
     maximum (3.4e38), although it is finite in float64.
     """
-    params32 = tuple(np.zeros(shape, dtype=np.float32) for shape in [(4, 2), (2, 2), (2, 2), (4, 2)])
+    params32 = tuple(np.zeros(shape, dtype=np.float32) for shape in [(4, 2), (2, 2), (2, 2), (4, 2), (4,)])
     items = [0]
     buffers = (np.array([[4.0, 0.0]], dtype=np.float32), np.zeros((4, 2), dtype=np.float32),
-               np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32))
+               np.zeros((2, 2), dtype=np.float32), np.zeros(2, dtype=np.float32))
     return params32, items, buffers
 
 
 def test_sgd_update_rejects_float32_overflow():
     params32, items, buffers = _absurd_step_case()
 
-    applied = _kernel_sgd(params32, items, 1, 2, buffers, learning_rate=1e38, l2=0.0, max_grad_norm=5.0)
+    applied = _kernel_sgd(params32, _accumulators(params32), items, 1, [2], buffers,
+                          learning_rate=1e38, l2=0.0, max_grad_norm=5.0)
 
     assert applied is False
 
 
 def test_sgd_update_float32_overflow_changes_nothing():
     params32, items, buffers = _absurd_step_case()
+    accumulators32 = _accumulators(params32)
 
-    _kernel_sgd(params32, items, 1, 2, buffers, learning_rate=1e38, l2=0.0, max_grad_norm=5.0)
+    _kernel_sgd(params32, accumulators32, items, 1, [2], buffers, learning_rate=1e38, l2=0.0, max_grad_norm=5.0,
+                optimizer="adagrad")
 
     for array in params32:
         np.testing.assert_array_equal(array, 0.0)
+    for array in accumulators32:
+        np.testing.assert_array_equal(array, np.float32(0.1))
 
 
 def test_reference_sgd_update_rejects_float32_overflow():
     params32, items, buffers = _absurd_step_case()
     params = _float64(params32)
     grads = {"X": buffers[0].astype(np.float64), "U": np.zeros((2, 2)), "W": np.zeros((2, 2)),
-             "V_pos": np.zeros(2), "V_neg": np.zeros(2)}
+             "V_pos": np.zeros(2), "bias_pos": np.zeros(()), "V_neg": np.zeros((1, 2)), "bias_neg": np.zeros(1)}
 
-    applied = reference.sgd_update(params, items, 1, 2, grads, 1e38, 0.0, 5.0)
+    applied = reference.sgd_update(params, _float64(_accumulators(params32)), items, 1, [2], grads, 1e38, 0.0, 5.0)
 
     assert applied is False
     assert np.all(params[0] == 0.0)
@@ -531,27 +766,30 @@ def test_reference_sgd_update_rejects_float32_overflow():
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
 def test_sgd_update_skips_non_finite_gradient(bad_value):
-    params32, start_hidden32, items, positive, negative = _gradient_case("distinct")
+    params32, start_hidden32, items, positive, negatives = _gradient_case("distinct")
     before = tuple(array.copy() for array in params32)
-    buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
+    buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
     buffers[1][2, 3] = bad_value
 
-    applied = _kernel_sgd(params32, items, positive, negative, buffers, 0.5, 0.01, 5.0)
+    applied = _kernel_sgd(params32, _accumulators(params32), items, positive, negatives, buffers, 0.5, 0.01, 5.0)
 
     assert applied is False
     for actual, expected in zip(params32, before):
         np.testing.assert_array_equal(actual, expected)
 
 
-def test_sgd_update_absurd_learning_rate_keeps_params_finite():
-    params32, start_hidden32, items, positive, negative = _gradient_case("distinct")
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_sgd_update_absurd_learning_rate_keeps_params_finite(optimizer):
+    params32, start_hidden32, items, positive, negatives = _gradient_case("distinct")
+    accumulators32 = _accumulators(params32)
     learning_rate = 1e38
 
     for _ in range(5):
-        buffers = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negative)
-        _kernel_sgd(params32, items, positive, negative, buffers, learning_rate, 1e-5, 5.0)
+        buffers, _ = _kernel_bptt_buffers(params32, start_hidden32, items, positive, negatives)
+        _kernel_sgd(params32, accumulators32, items, positive, negatives, buffers, learning_rate, 1e-5, 5.0,
+                    optimizer=optimizer)
 
-    for array in params32:
+    for array in params32 + accumulators32:
         assert np.all(np.isfinite(array))
 
 
@@ -559,41 +797,44 @@ def test_sgd_update_absurd_learning_rate_keeps_params_finite():
 
 
 def _ranking_case():
-    """Return hidden, V, counts and n_rows with hand-set scores ``hidden . V[j] = V[j, 0]``.
+    """Return hidden, V, bias, counts and n_rows with hand-set scores ``V[j, 0] + bias[j]``.
 
     Item 1 (score 0.5) is the target. Items 0 and 6 score above it, items 3 and 5
-    tie with it, item 2 is below, item 4 scores above but is unknown, and item 7
-    scores above with a positive count but lies at or above n_rows.
+    tie with it (item 5 through its bias), item 2 is below, item 4 scores above
+    but is unknown, and item 7 scores above with a positive count but lies at or
+    above n_rows.
     """
     hidden = np.array([1.0, 0.0, 0.0], dtype=np.float32)
     V = np.zeros((8, 3), dtype=np.float32)
-    V[:, 0] = [0.75, 0.5, 0.25, 0.5, 0.875, 0.5, 1.0, 2.0]
+    V[:, 0] = [0.75, 0.5, 0.25, 0.5, 0.875, 0.25, 1.0, 2.0]
     V[:, 1] = 100.0
+    bias = np.zeros(8, dtype=np.float32)
+    bias[5] = 0.25
     item_count = np.array([1, 3, 2, 1, 0, 4, 1, 9], dtype=np.int64)
-    return hidden, V, item_count, 7
+    return hidden, V, bias, item_count, 7
 
 
 def test_rank_item_counts_ties_against_target():
-    hidden, V, item_count, n_rows = _ranking_case()
+    hidden, V, bias, item_count, n_rows = _ranking_case()
 
-    rank = kernels.rank_item(hidden, V, item_count, n_rows, 1)
+    rank = kernels.rank_item(hidden, V, bias, item_count, n_rows, 1)
 
     assert rank == 4
 
 
 def test_rank_item_top_item_ranks_zero():
-    hidden, V, item_count, n_rows = _ranking_case()
+    hidden, V, bias, item_count, n_rows = _ranking_case()
 
-    rank = kernels.rank_item(hidden, V, item_count, n_rows, 6)
+    rank = kernels.rank_item(hidden, V, bias, item_count, n_rows, 6)
 
     assert rank == 0
 
 
 @pytest.mark.parametrize("target", [4, 7])
 def test_rank_item_unknown_target(target):
-    hidden, V, item_count, n_rows = _ranking_case()
+    hidden, V, bias, item_count, n_rows = _ranking_case()
 
-    rank = kernels.rank_item(hidden, V, item_count, n_rows, target)
+    rank = kernels.rank_item(hidden, V, bias, item_count, n_rows, target)
 
     assert rank == kernels.RANK_UNKNOWN_ITEM
 
@@ -601,46 +842,49 @@ def test_rank_item_unknown_target(target):
 def test_rank_item_constant_scores_rank_last():
     hidden = np.zeros(3, dtype=np.float32)
     V = np.ones((5, 3), dtype=np.float32)
+    bias = np.zeros(5, dtype=np.float32)
     item_count = np.ones(5, dtype=np.int64)
 
-    rank = kernels.rank_item(hidden, V, item_count, 5, 2)
+    rank = kernels.rank_item(hidden, V, bias, item_count, 5, 2)
 
     assert rank == 4
 
 
 def test_rank_item_matches_reference_on_hand_set_scores():
-    hidden, V, item_count, n_rows = _ranking_case()
+    hidden, V, bias, item_count, n_rows = _ranking_case()
 
     for target in range(8):
-        expected = reference.rank_item(*_float64((hidden, V)), item_count, n_rows, target)
-        assert kernels.rank_item(hidden, V, item_count, n_rows, target) == expected
+        expected = reference.rank_item(*_float64((hidden, V, bias)), item_count, n_rows, target)
+        assert kernels.rank_item(hidden, V, bias, item_count, n_rows, target) == expected
 
 
 def test_rank_item_matches_reference_on_random_scores():
     rng = np.random.default_rng(8)
     for _ in range(50):
         V = rng.normal(0.0, 1.0, (30, HIDDEN)).astype(np.float32)
+        bias = rng.normal(0.0, 1.0, 30).astype(np.float32)
         hidden = rng.uniform(0.0, 1.0, HIDDEN).astype(np.float32)
         item_count = rng.integers(0, 3, 30).astype(np.int64)
         n_rows = int(rng.integers(0, 31))
         target = int(rng.integers(0, 30))
 
-        actual = kernels.rank_item(hidden, V, item_count, n_rows, target)
+        actual = kernels.rank_item(hidden, V, bias, item_count, n_rows, target)
         # Float32 scores of HIDDEN products of size ~1 are within ~1e-6 of float64.
-        low, high = reference.rank_item_bounds(*_float64((hidden, V)), item_count, n_rows, target, 1e-5)
+        low, high = reference.rank_item_bounds(*_float64((hidden, V, bias)), item_count, n_rows, target, 1e-5)
         assert low <= actual <= high
 
 
 def test_score_items_matches_reference():
     rng = np.random.default_rng(9)
     V = rng.normal(0.0, 1.0, (20, HIDDEN)).astype(np.float32)
+    bias = rng.normal(0.0, 1.0, 20).astype(np.float32)
     hidden = rng.uniform(0.0, 1.0, HIDDEN).astype(np.float32)
     item_count = rng.integers(0, 3, 20).astype(np.int64)
     item_count[17] = 5
     scores = np.empty(20, dtype=np.float32)
 
-    kernels.score_items(hidden, V, item_count, 15, scores)
-    expected = reference.score_items(*_float64((hidden, V)), item_count, 15)
+    kernels.score_items(hidden, V, bias, item_count, 15, scores)
+    expected = reference.score_items(*_float64((hidden, V, bias)), item_count, 15)
 
     np.testing.assert_array_equal(np.isneginf(scores), np.isneginf(expected))
     finite = np.isfinite(expected)
@@ -663,14 +907,15 @@ def test_train_batch_advance_matches_reference():
     run.stats.known_items[:] = np.arange(8)
     run.stats.meta[:] = [8, 8]
     run.stats.fenwick = sampling.build_fenwick(run.stats.item_count, run.alpha)
-    params, states, item_stats = run.reference_copy()
+    params, accumulators, states, item_stats = run.reference_copy()
 
     for offset, item in enumerate([1, 2, 3, 4, 5]):
         events = _events([0], [item], [0], [offset])
         negatives, _ = run.draw_negatives(events)
         status, _, _ = run.train(events)
-        expected = reference.train_batch_reference(params, states, item_stats, events, negatives,
-                                                   run.learning_rate, run.l2, run.max_grad_norm)
+        expected = reference.train_batch_reference(params, accumulators, states, item_stats, events, negatives,
+                                                   run.learning_rate, run.l2, run.max_grad_norm,
+                                                   **run.reference_options())
 
         assert status[0] == expected.status[0]
         _assert_states_close(run.states, states, atol=1e-5)
@@ -694,25 +939,32 @@ def test_train_batch_overflow_uses_updated_params():
     assert np.max(np.abs(expected - stale)) > 1e-4
 
 
-@pytest.mark.parametrize("kind", [UNIFORM, POPULARITY])
-def test_train_batch_stream_matches_reference(kind):
-    run = KernelRun.create(21, kind=kind)
-    params, states, item_stats = run.reference_copy()
-    # Over these 300 events the float32 kernel and the float64 reference drift
-    # apart by at most 6.6e-7 in the parameters and 1.7e-7 in the hidden states
-    # (measured with both samplers), so 1e-5 leaves a margin of 15x. Scores are
-    # sums of 8 products of such values, so ranks are compared within a score
-    # tolerance of 1e-4. The gradient norms of this stream have a median near
-    # max_grad_norm = 1.0 (measured), so steps both with and without clipping occur.
+STREAM_CASES = {
+    "sgd_uniform": {"kind": UNIFORM},
+    "sgd_popularity": {"kind": POPULARITY},
+    "adagrad_bias_tied": {"kind": UNIFORM, "optimizer": "adagrad", "item_bias": True, "tied": True, "negatives": 4,
+                          "recurrent_scale": 0.5},
+    "adagrad_bias_untied": {"kind": POPULARITY, "optimizer": "adagrad", "item_bias": True, "negatives": 3},
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_CASES))
+def test_train_batch_stream_matches_reference(case):
+    run = KernelRun.create(21, **STREAM_CASES[case])
+    params, accumulators, states, item_stats = run.reference_copy()
+    # Scores are sums of 8 products of parameters and states, so ranks are
+    # compared within a score tolerance of 1e-4. The gradient norms of these
+    # streams are near max_grad_norm = 1.0, so steps both with and without
+    # clipping occur.
     state_atol, param_atol, score_tolerance = 1e-5, 1e-5, 1e-4
     statuses = []
 
     for events in _batches(_random_stream(22), 37):
         negatives, rng_after = run.draw_negatives(events)
         status, loss, rank = run.train(events)
-        expected = reference.train_batch_reference(params, states, item_stats, events, negatives,
+        expected = reference.train_batch_reference(params, accumulators, states, item_stats, events, negatives,
                                                    run.learning_rate, run.l2, run.max_grad_norm,
-                                                   rank_tolerance=score_tolerance)
+                                                   rank_tolerance=score_tolerance, **run.reference_options())
 
         np.testing.assert_array_equal(run.rng_state, rng_after)
         np.testing.assert_array_equal(status, expected.status)
@@ -726,6 +978,8 @@ def test_train_batch_stream_matches_reference(kind):
 
     for actual, expected in zip(run.params, params):
         np.testing.assert_allclose(actual, expected, rtol=0.0, atol=param_atol)
+    for actual, expected in zip(run.accumulators, accumulators):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=param_atol)
     _assert_states_close(run.states, states, atol=state_atol)
     np.testing.assert_array_equal(run.stats.item_count, item_stats.item_count)
     np.testing.assert_array_equal(run.stats.known_items[: run.stats.n_known], item_stats.known_items)
@@ -746,7 +1000,7 @@ def test_train_batch_fenwick_matches_rebuild():
 
 
 def _snapshot(run):
-    arrays = list(run.params) + list(run.states.as_tuple()) + list(run.stats.as_tuple()) + [run.rng_state]
+    arrays = list(run.params) + list(run.accumulators) + list(run.states.as_tuple()) + list(run.stats.as_tuple()) + [run.rng_state]
     return [array.copy() for array in arrays]
 
 
@@ -846,10 +1100,11 @@ def test_bpr_loss_non_negative_and_finite(hidden, v_pos, v_neg):
 )
 def test_rank_item_in_range(hidden, rows, counts, n_rows, target):
     V = np.stack(rows)
+    bias = np.zeros(V.shape[0], dtype=np.float32)
     item_count = np.array(counts, dtype=np.int64)
     n_known = int(np.count_nonzero(item_count[:n_rows] > 0))
 
-    rank = kernels.rank_item(hidden, V, item_count, n_rows, target)
+    rank = kernels.rank_item(hidden, V, bias, item_count, n_rows, target)
 
     assert -1 <= rank <= n_known - 1
     assert (rank == kernels.RANK_UNKNOWN_ITEM) == (target >= n_rows or counts[target] == 0)

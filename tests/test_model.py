@@ -16,9 +16,10 @@ from drnn_core.errors import ConfigError, DrnnError, ModelFormatError
 from drnn_core.model import MODEL_FORMAT_VERSION, RecurrentBPR
 from drnn_core.state import UserStateBatch
 
-SMALL = ModelConfig(hidden_size=4, window=3, initial_items=16, seed=5)
+SMALL = ModelConfig(hidden_size=4, window=3, initial_items=16, seed=5, negatives=3)
+UNTIED = dataclasses.replace(SMALL, tie_embeddings=False)
 N_USERS = 5
-PARAM_NAMES = ("X", "U", "W", "V")
+PARAM_NAMES = ("X", "U", "W", "V", "bias", "acc_x", "acc_u", "acc_w", "acc_v", "acc_bias")
 
 
 # Builders.
@@ -186,6 +187,68 @@ def test_ensure_capacity_grows_every_array():
     assert model.V.flags.c_contiguous
 
 
+@pytest.mark.parametrize("config", [SMALL, UNTIED], ids=["tied", "untied"])
+def test_ensure_capacity_keeps_tied_arrays_shared(config):
+    model, _ = _trained_model(config)
+
+    model.ensure_capacity(40)
+
+    assert (model.V is model.X) == config.tie_embeddings
+    assert (model.acc_x is model.acc_v) == config.tie_embeddings
+    for name in ("bias", "acc_x", "acc_v", "acc_bias"):
+        assert getattr(model, name).shape == (64,), name
+
+
+def test_ensure_capacity_new_rows_start_untrained():
+    model, _ = _trained_model()
+
+    model.ensure_capacity(40)
+
+    np.testing.assert_array_equal(model.bias[16:], 0.0)
+    np.testing.assert_array_equal(model.acc_v[16:], np.float32(SMALL.adagrad_initial_accumulator))
+    np.testing.assert_array_equal(model.acc_bias[16:], np.float32(SMALL.adagrad_initial_accumulator))
+
+
+def test_model_train_batch_learns_item_bias():
+    model, _ = _trained_model()
+
+    assert np.count_nonzero(model.bias) > 0
+
+
+def test_model_without_item_bias_keeps_zero_bias():
+    model, _ = _trained_model(dataclasses.replace(SMALL, item_bias=False))
+
+    np.testing.assert_array_equal(model.bias, 0.0)
+
+
+def test_model_sgd_keeps_initial_accumulators():
+    model, _ = _trained_model(dataclasses.replace(SMALL, optimizer="sgd"))
+
+    for name in ("acc_u", "acc_w", "acc_v", "acc_bias"):
+        np.testing.assert_array_equal(getattr(model, name), np.float32(SMALL.adagrad_initial_accumulator))
+
+
+@pytest.mark.parametrize("negative_mode", ["sum", "hardest"])
+def test_model_negative_modes_train(negative_mode):
+    model, _ = _trained_model(dataclasses.replace(SMALL, negative_mode=negative_mode))
+
+    result = model.train_batch(UserStateBatch.empty(N_USERS, 4, 3), *_events(9, n_events=30))
+
+    assert result.count(kernels.STATUS_TRAINED) > 0
+    assert result.count(kernels.STATUS_NON_FINITE) == 0
+
+
+def test_model_new_user_gets_bias_ranking():
+    # A new user's hidden state is zero, so the scores are the item biases and a
+    # trained model ranks without ties.
+    model, _ = _trained_model(n_items=8)
+
+    scores = model.scores(np.zeros(SMALL.hidden_size, np.float32))
+
+    known = scores[np.isfinite(scores)]
+    assert np.unique(known).shape == known.shape
+
+
 def test_ensure_capacity_new_rows_are_fresh_weights():
     model = RecurrentBPR(SMALL)
 
@@ -216,6 +279,27 @@ def test_round_trip_keeps_params():
 
     loaded = RecurrentBPR.from_bytes(model.to_bytes(), SMALL)
 
+    _assert_same_params(model, loaded)
+
+
+@pytest.mark.parametrize("config", [SMALL, UNTIED], ids=["tied", "untied"])
+def test_round_trip_keeps_tied_arrays_shared(config):
+    model, _ = _trained_model(config)
+
+    loaded = RecurrentBPR.from_bytes(model.to_bytes(), config)
+
+    assert (loaded.V is loaded.X) == config.tie_embeddings
+    assert (loaded.acc_x is loaded.acc_v) == config.tie_embeddings
+
+
+def test_round_trip_untied_continues_identically():
+    model, states = _trained_model(UNTIED)
+    loaded = RecurrentBPR.from_bytes(model.to_bytes(), UNTIED)
+    loaded_states = _copy_states(states)
+    events = _events(3)
+    events = (events[0], events[1], events[2], events[3] + 1000)
+
+    _assert_same_result(model.train_batch(states, *events), loaded.train_batch(loaded_states, *events))
     _assert_same_params(model, loaded)
 
 
@@ -283,6 +367,9 @@ def _format_error_cases():
          f"format version {other_version}"),
         ("hidden_size", data, dataclasses.replace(SMALL, hidden_size=8), "hidden_size=4"),
         ("window", data, dataclasses.replace(SMALL, window=4), "window=3"),
+        ("tie_embeddings", data, UNTIED, "tie_embeddings=True"),
+        ("bias_missing", _replace_arrays(data, bias=None), SMALL, "array bias"),
+        ("accumulator_shape", _replace_arrays(data, acc_u=np.zeros((4, 5), np.float32)), SMALL, "array acc_u"),
         ("array_shape", _replace_arrays(data, X=np.zeros((16, 5), np.float32)), SMALL, "array X"),
         ("array_missing", _replace_arrays(data, V=None), SMALL, "array V"),
         ("array_bytes", _flip_middle_byte(data), SMALL, "not a drnn-stream model"),
@@ -332,6 +419,35 @@ def test_from_bytes_rejects_meta_beyond_capacity():
 
     with pytest.raises(ModelFormatError, match="meta"):
         RecurrentBPR.from_bytes(damaged, SMALL)
+
+
+@pytest.mark.parametrize("name", ["acc_u", "acc_v", "acc_bias"])
+def test_from_bytes_rejects_negative_accumulator(name):
+    data = _trained_model()[0].to_bytes()
+    damaged_values = _read_arrays(data)[name].copy()
+    damaged_values.flat[0] = -1.0
+    damaged = _replace_arrays(data, **{name: damaged_values})
+
+    with pytest.raises(ModelFormatError, match=name):
+        RecurrentBPR.from_bytes(damaged, SMALL)
+
+
+def test_from_bytes_rejects_non_finite_bias():
+    data = _trained_model()[0].to_bytes()
+    bias = _read_arrays(data)["bias"].copy()
+    bias[3] = np.nan
+
+    with pytest.raises(ModelFormatError, match="bias"):
+        RecurrentBPR.from_bytes(_replace_arrays(data, bias=bias), SMALL)
+
+
+def test_from_bytes_rejects_tied_model_with_different_x_and_v():
+    data = _trained_model()[0].to_bytes()
+    V = _read_arrays(data)["V"].copy()
+    V[0, 0] += 1.0
+
+    with pytest.raises(ModelFormatError, match="tied"):
+        RecurrentBPR.from_bytes(_replace_arrays(data, V=V), SMALL)
 
 
 def test_model_format_error_is_drnn_error():
@@ -414,6 +530,15 @@ CONFIG_ERROR_CASES = [
     ("init_scale", 11.0, "(0, 10]"),
     ("initial_items", 0, f"from 1 to {1 << 30}"),
     ("seed", -1, f"from 0 to {(1 << 63) - 1}"),
+    ("negatives", 0, "from 1 to 256"),
+    ("negatives", 257, "from 1 to 256"),
+    ("negative_mode", "max", "sum, hardest"),
+    ("optimizer", "adam", "sgd, adagrad"),
+    ("item_bias", 1, "true or false"),
+    ("tie_embeddings", "yes", "true or false"),
+    ("recurrent_learning_rate_scale", -0.5, "[0, 100]"),
+    ("recurrent_learning_rate_scale", math.inf, "[0, 100]"),
+    ("adagrad_initial_accumulator", -1e-3, "[0, 1e+06]"),
 ]
 
 
@@ -431,6 +556,9 @@ CONFIG_BOUNDARY_CASES = [
     ("hidden_size", 1), ("hidden_size", 4096), ("window", 1), ("window", 64),
     ("l2", 0.0), ("popularity_alpha", 0.0), ("popularity_alpha", 2.0), ("init_scale", 10.0),
     ("initial_items", 1), ("seed", 0), ("seed", (1 << 63) - 1), ("sampler", "popularity"),
+    ("negatives", 1), ("negatives", 256), ("negative_mode", "hardest"), ("optimizer", "sgd"),
+    ("item_bias", False), ("tie_embeddings", False), ("recurrent_learning_rate_scale", 0.0),
+    ("adagrad_initial_accumulator", 0.0),
 ]
 
 
@@ -464,7 +592,7 @@ def test_model_absurd_learning_rate_keeps_states_finite(learning_rate):
 
     result = model.train_batch(states, slots, items, np.zeros(2000, np.int32), np.arange(2000, dtype=np.int64))
 
-    for name in ("X", "U", "W", "V"):
+    for name in PARAM_NAMES:
         assert np.isfinite(getattr(model, name)).all(), name
     assert np.isfinite(states.hidden).all()
     assert np.isfinite(states.start_hidden).all()
