@@ -74,7 +74,7 @@ class DeadLetterSender:
 
     A value longer than ``max_value_bytes`` is cut to that length, with its
     original length in the ``drnn.original_size`` header, so that one huge
-    message cannot make the producer reject the copy. Sends are asynchronous;
+    message cannot make the producer reject the copy. Sends are asynchronous.
     ``flush`` waits for every one, keeps the failed ones for the next call and
     raises, so the worker retries and commits offsets only after its dead
     letters are stored.

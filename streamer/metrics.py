@@ -146,9 +146,9 @@ def serve_metrics(
 ):
     """Serve /metrics, /healthz and /readyz on ``host:port`` in a daemon thread; return the server.
 
-    ``health()`` returns (alive, ready, reason). /healthz answers 200 while
-    alive and 503 otherwise; /readyz answers 200 while ready and 503 with the
-    reason otherwise, with JSON bodies. Without ``health`` both answer 200.
+    ``health()`` returns (alive, ready, reason). /healthz returns 200 while
+    alive and 503 otherwise; /readyz returns 200 while ready and 503 with the
+    reason otherwise, with JSON bodies. Without ``health`` both return 200.
     """
     host, _, port = address.rpartition(":")
     metrics_app = make_wsgi_app(registry)
