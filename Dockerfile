@@ -17,7 +17,7 @@ WORKDIR /opt/drnn-stream/src
 COPY pyproject.toml README.md ./
 COPY drnn_core/ drnn_core/
 COPY streamer/ streamer/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[serve]"
 
 # Numba writes its compile cache to NUMBA_CACHE_DIR because site-packages is
 # owned by root. Docker copies the owner of /var/lib/drnn/checkpoints into a
@@ -29,7 +29,8 @@ USER drnn
 WORKDIR /home/drnn
 
 # Prometheus metrics, served at the port of DRNN_METRICS_ADDRESS.
-EXPOSE 9400
+# 9400: worker metrics and health; 8000: drnn-stream serve.
+EXPOSE 9400 8000
 
 ENTRYPOINT ["drnn-stream"]
 CMD ["worker"]
