@@ -138,6 +138,10 @@ class Settings:
             tie_embeddings=self.tie_embeddings,
         )
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"Settings({fields})"
+
     def redacted(self) -> dict[str, Any]:
         """Return the settings as a dict with every password replaced by ***, for logs."""
         values = dataclasses.asdict(self)
@@ -157,16 +161,24 @@ def _field_of(message: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL, in its user info or a ``password`` query parameter, by ***."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
+    """Replace the password of a URL, in its user info or a ``password`` query parameter, by ***.
+
+    The user info runs up to the last ``@``, so a password with an unencoded
+    ``/`` or ``?`` is hidden too.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
         user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if has_password else netloc
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    query = [(name, "***" if name.lower() == "password" else value) for name, value in query]
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
+        rest = f"{user}:***@{rest}" if has_password else f"{userinfo}@{rest}"
+    path, question, query = rest.partition("?")
+    if question:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        pairs = [(name, "***" if name.lower() == "password" else value) for name, value in pairs]
+        rest = f"{path}?{urllib.parse.urlencode(pairs, safe='*')}"
+    return f"{scheme}://{rest}"
 
 
 def unknown_environment_variables(environ: Mapping[str, str] | None = None) -> list[str]:

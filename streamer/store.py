@@ -49,23 +49,53 @@ MAX_ITEM_INDEX = np.iinfo(np.int32).max
 SCAN_CHUNK = 1000
 
 # KEYS: index hash (id -> index), ids hash (index -> id), next-index counter.
-# ARGV: item ids, each distinct. Returns the index of every id, in ARGV order.
-# Redis runs a script atomically, so concurrent callers cannot allocate one id twice.
+# ARGV: the lowest next index this process accepts (one past the largest index it
+# knows, so that a Redis that lost data never hands out a known index again), then
+# item ids, each distinct. Returns the index of every id, in order. Redis runs a
+# script atomically, so concurrent callers cannot allocate one id twice.
 _ALLOCATE_ITEMS_LUA = """
+local floor = tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+if current < floor then
+    redis.call('SET', KEYS[3], floor)
+end
 local indexes = {}
-for i, item_id in ipairs(ARGV) do
+for i = 2, #ARGV do
+    local item_id = ARGV[i]
     local index = redis.call('HGET', KEYS[1], item_id)
     if index then
-        indexes[i] = tonumber(index)
+        indexes[i - 1] = tonumber(index)
     else
         local allocated = redis.call('INCR', KEYS[3]) - 1
         local field = string.format('%d', allocated)
         redis.call('HSET', KEYS[1], item_id, field)
         redis.call('HSET', KEYS[2], field, item_id)
-        indexes[i] = allocated
+        indexes[i - 1] = allocated
     end
 end
 return indexes
+"""
+
+# KEYS: index hash (id -> index), ids hash (index -> id), next-index counter.
+# ARGV: pairs of item id and index known to this process. Puts back the pairs that
+# Redis lost (it keeps any id or index it still holds) and raises the counter past
+# them, so that Redis and this process agree again after Redis lost data.
+_RESTORE_ITEMS_LUA = """
+local highest = -1
+for i = 1, #ARGV, 2 do
+    local index = tonumber(ARGV[i + 1])
+    if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+        redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i])
+    end
+    if index > highest then
+        highest = index
+    end
+end
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+if current < highest + 1 then
+    redis.call('SET', KEYS[3], highest + 1)
+end
+return highest + 1
 """
 
 
@@ -199,6 +229,7 @@ class RedisStore:
         self._epoch_key = f"{prefix}:epoch".encode()
         self._commit_script = client.register_script(_COMMIT_BATCH_LUA)
         self._allocate_script = client.register_script(_ALLOCATE_ITEMS_LUA)
+        self._restore_script = client.register_script(_RESTORE_ITEMS_LUA)
         self._index_of_item: dict[str, int] = {}
         self._item_of_index: dict[int, str] = {}
 
@@ -240,7 +271,7 @@ class RedisStore:
         return batch, corrupt_ids
 
     def _log_corrupt(self, corrupt_ids: list[str], first_blob: bytes) -> None:
-        logger.warning(
+        logger.error(
             "Reset %d corrupt user states under prefix %r to new users (first ids %s). "
             "The first is invalid: %s",
             len(corrupt_ids),
@@ -436,7 +467,7 @@ class RedisStore:
         with self._redis_errors(f"allocate indexes for {len(item_ids)} items"):
             indexes = self._allocate_script(
                 keys=[self._index_key, self._ids_key, self._next_key],
-                args=[item_id.encode() for item_id in item_ids],
+                args=[self._next_index_floor()] + [item_id.encode() for item_id in item_ids],
             )
 
         if indexes and max(indexes) > MAX_ITEM_INDEX:
@@ -447,6 +478,23 @@ class RedisStore:
         for item_id, index in zip(item_ids, indexes):
             self._index_of_item[item_id] = index
             self._item_of_index[index] = item_id
+
+    def _next_index_floor(self) -> int:
+        return max(self._item_of_index, default=-1) + 1
+
+    def restore_items(self) -> int:
+        """Write the item indexes this process knows back to Redis, after Redis lost data.
+
+        Ids and indexes Redis still holds are kept; the counter rises past every
+        known index. Returns the counter afterwards.
+        """
+        pairs: list = []
+        for item_id, index in self._index_of_item.items():
+            pairs += [item_id.encode(), str(index)]
+        if not pairs:
+            return self.item_count()
+        with self._redis_errors(f"restore the indexes of {len(pairs) // 2} items"):
+            return int(self._restore_script(keys=[self._index_key, self._ids_key, self._next_key], args=pairs))
 
     def item_count(self) -> int:
         """Return the number of item indexes allocated under the prefix."""

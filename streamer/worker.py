@@ -7,7 +7,8 @@ Every batch goes through these stages, each timed in ``drnn_batch_stage_seconds`
 3. dead_letter: wait until the batch's dead letters are stored.
 4. state_load: allocate item indexes and MGET the states of the batch's users.
 5. compute: one call of the batch kernel, which ranks, trains and advances every event.
-6. state_store: one MULTI/EXEC with the new states and each partition's applied offset.
+6. state_store: one Lua script writes the new states and each partition's applied
+   offset atomically, fenced by the epoch and the offsets this worker wrote last.
 7. commit: commit the offsets after the last record of each partition.
 
 Dead letters are stored before the states, and the offsets are committed after
@@ -176,19 +177,17 @@ class Worker:
         on_batch : callable, optional
             Called with the totals after every processed batch (progress display).
         """
-        self._retry("check the state layout", "redis", self.store.check_layout, StoreError)
-        self.model.ensure_capacity(self._retry("read the item count", "redis", self.store.item_count, StoreError))
-        self._epoch = self._retry("read or create the epoch", "redis", self.store.ensure_epoch, StoreError)
         listener = RebalanceListener(self._on_assigned, self._on_revoked)
-        self.consumer.subscribe([self.settings.topic], listener=listener)
         logger.info(
             "Worker started: topic=%s group=%s prefix=%s h=%d K=%d",
             self.settings.topic, self.settings.group_id, self.settings.key_prefix,
             self.model.config.hidden_size, self.model.config.window,
         )
-        self._set_ready(True)
-        self._publish_store_sizes()
         try:
+            self._prepare_store()
+            self.consumer.subscribe([self.settings.topic], listener=listener)
+            self._set_ready(True)
+            self._publish_store_sizes()
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
                 records = self._poll()
@@ -203,10 +202,16 @@ class Worker:
                     logger.info("No new records for %.1f s and no lag: stopping", self.settings.exit_when_idle_seconds)
                     break
         except ShutdownRequested:
-            logger.warning("Stopped before the batch in hand was stored; it will be consumed again on restart")
+            logger.warning("Stopped while retrying Redis; the batch in hand, if any, was not committed and will be read again")
         finally:
             self._shutdown()
         return self.totals
+
+    def _prepare_store(self) -> None:
+        """Check the state layout, size the model for the vocabulary, and read the epoch (retrying Redis)."""
+        self._retry("check the state layout", "redis", self.store.check_layout, StoreError)
+        self.model.ensure_capacity(self._retry("read the item count", "redis", self.store.item_count, StoreError))
+        self._epoch = self._retry("read or create the epoch", "redis", self.store.ensure_epoch, StoreError)
 
     def _publish_store_sizes(self) -> None:
         try:
@@ -379,6 +384,7 @@ class Worker:
             "under the prefix was lost. Following redis_loss_policy=%s", self.settings.key_prefix, policy,
         )
         self._epoch = self._retry("create a new epoch", "redis", self.store.ensure_epoch, StoreError)
+        self._retry("restore the item indexes", "redis", self.store.restore_items, StoreError)
         self._stored_offsets = {}
         if policy == "continue":
             return True
@@ -395,6 +401,7 @@ class Worker:
         behind = outcome.stored_offset is None or (expected is not None and outcome.stored_offset < expected)
         if behind:
             self.metrics.state_loss.labels(kind="offsets_behind").inc()
+            self._retry("restore the item indexes", "redis", self.store.restore_items, StoreError)
             logger.error(
                 "Redis holds offset %s for %s but this worker stored %s: Redis lost its last writes. "
                 "Re-reading from the offsets Redis holds",
