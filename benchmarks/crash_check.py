@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import os
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from streamer.events import encode_event
 from streamer.kafka_io import make_producer
 from streamer.datasets import Message
 from streamer.replay import replay_messages
-from streamer.settings import Settings
+from streamer.settings import Settings, to_environment
 from streamer.store import RedisStore
 
 
@@ -43,11 +42,7 @@ def applied_events(store: RedisStore) -> int:
 
 def worker_environment(settings: Settings) -> dict[str, str]:
     """Environment variables that configure a worker subprocess like ``settings``."""
-    env = dict(os.environ)
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        env["DRNN_" + field.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+    return {**os.environ, **to_environment(settings)}
 
 
 def main() -> int:

@@ -181,6 +181,15 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
+def to_environment(settings: Settings) -> dict[str, str]:
+    """Return the DRNN_* variables that make load_settings rebuild ``settings``, e.g. for a subprocess."""
+    variables = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        variables[ENV_PREFIX + field.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return variables
+
+
 def unknown_environment_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """Return the DRNN_* environment variables that name no setting, such as misspellings."""
     environ = os.environ if environ is None else environ

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from streamer.datasets import Interaction, Message
 from streamer.events import encode_event
-from streamer.settings import Settings
+from streamer.settings import Settings, to_environment
 
 FAST_SESSION_TIMEOUT_MS = 6000
 
@@ -39,11 +38,7 @@ def worker_settings(*, broker: str, redis_url: str, topic: str, group_id: str, k
 
 def worker_environment(settings: Settings) -> dict[str, str]:
     """Environment variables that configure a ``drnn-stream worker`` subprocess like ``settings``."""
-    env = dict(os.environ)
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        env["DRNN_" + field.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+    return {**os.environ, **to_environment(settings)}
 
 
 def worker_command() -> list[str]:
