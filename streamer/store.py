@@ -357,7 +357,7 @@ class RedisStore:
         if stored != layout:
             size, window = stored.split(",")
             raise ConfigError(
-                f"Redis prefix {self.prefix!r} holds states with hidden_size={size} and window={window}, "
+                f"Redis prefix {self.prefix!r} contains states with hidden_size={size} and window={window}, "
                 f"but the settings ask for hidden_size={self.hidden_size} and window={self.window}. "
                 "Use the stored values, or another key_prefix for a new model."
             )
@@ -483,7 +483,7 @@ class RedisStore:
         return max(self._item_of_index, default=-1) + 1
 
     def restore_items(self) -> int:
-        """Write the item indexes this process knows back to Redis, after Redis lost data.
+        """Write the item indexes cached by this process back to Redis, after Redis lost data.
 
         Ids and indexes Redis still holds are kept; the counter rises past every
         known index. Returns the counter afterwards.

@@ -15,7 +15,7 @@ Dead letters are stored before the states, and the offsets are committed after
 both, so a crash at any point re-delivers the batch (an assignment resumes
 after the offsets stored with the states). The per-user (partition, offset)
 check in the kernel skips the events already applied, so every valid event
-changes its user's state exactly once; a dead letter may be sent twice.
+changes its user's state exactly once. A dead letter may be sent twice.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ class Totals:
 
 @dataclasses.dataclass
 class DecodedBatch:
-    """The valid events of a batch as columns, and the last offset of each partition."""
+    """The valid events of a batch as columns, and the first and last offset of each partition."""
 
     user_ids: list[str]
     item_ids: list[str]
     partitions: np.ndarray
     offsets: np.ndarray
+    first_offsets: dict[int, int]
     last_offsets: dict[int, int]
     invalid: int
 
@@ -268,9 +269,11 @@ class Worker:
 
     def _decode(self, records: list) -> DecodedBatch:
         users, items, partitions, offsets = [], [], [], []
+        first_offsets: dict[int, int] = {}
         last_offsets: dict[int, int] = {}
         invalid = 0
         for record in records:
+            first_offsets.setdefault(record.partition, record.offset)
             last_offsets[record.partition] = record.offset
             try:
                 event = decode_event(record.value, record.key, self.limits)
@@ -288,6 +291,7 @@ class Worker:
             item_ids=items,
             partitions=np.asarray(partitions, dtype=np.int32),
             offsets=np.asarray(offsets, dtype=np.int64),
+            first_offsets=first_offsets,
             last_offsets=last_offsets,
             invalid=invalid,
         )
@@ -329,7 +333,7 @@ class Worker:
                 new_users = int(np.count_nonzero(was_new & (states.count > 0)))
 
         with self._stage("state_store"):
-            outcome = self._store(user_ids, states, decoded.last_offsets, corrupt, new_users)
+            outcome = self._store(user_ids, states, decoded, corrupt, new_users)
         if outcome is _REJECTED:
             return _REJECTED
 
@@ -346,12 +350,13 @@ class Worker:
             self._record(result, vocabulary=int(items.max()) + 1)
         return result
 
-    def _store(self, user_ids, states, last_offsets, corrupt, new_users):
+    def _store(self, user_ids, states, decoded: DecodedBatch, corrupt, new_users):
         """Commit states and offsets fenced by the epoch and the expected offsets.
 
         Returns the CommitResult, or _REJECTED after Redis was found to have
         lost data or another worker wrote the partition (see ``_resync``).
         """
+        last_offsets = decoded.last_offsets
         for _ in range(2):
             expected = {partition: self._stored_offsets.get(partition) for partition in last_offsets}
             outcome = self._retry(
@@ -371,7 +376,7 @@ class Worker:
                 if not self._recover_lost_redis():
                     return _REJECTED
                 continue
-            self._resync(outcome)
+            self._resync(outcome, decoded.first_offsets)
             return _REJECTED
         return _REJECTED
 
@@ -395,28 +400,37 @@ class Worker:
                      sorted(tp.partition for tp in assigned))
         return False
 
-    def _resync(self, outcome) -> None:
-        """Move every assigned partition back to the offset Redis holds after a fenced write was rejected."""
+    def _resync(self, outcome, batch_starts: dict[int, int]) -> None:
+        """Move every assigned partition back to the offset stored in Redis after a fenced write was rejected.
+
+        ``batch_starts`` maps each partition of the rejected batch to its first
+        offset, where a partition without a stored offset goes back to.
+        """
         expected = self._stored_offsets.get(outcome.partition)
         behind = outcome.stored_offset is None or (expected is not None and outcome.stored_offset < expected)
         if behind:
             self.metrics.state_loss.labels(kind="offsets_behind").inc()
             self._retry("restore the item indexes", "redis", self.store.restore_items, StoreError)
             logger.error(
-                "Redis holds offset %s for %s but this worker stored %s: Redis lost its last writes. "
-                "Re-reading from the offsets Redis holds",
-                outcome.stored_offset, source_label(self.settings.topic, outcome.partition, expected or -1), expected,
+                "Redis has offset %s stored for partition %d of topic %s, but this worker stored %s: "
+                "Redis lost its last writes. Re-reading from the offsets stored in Redis",
+                outcome.stored_offset, outcome.partition, self.settings.topic, expected,
             )
         else:
             self.metrics.errors.labels(component="redis").inc()
             logger.warning(
-                "Redis holds offset %s for partition %d, newer than %s: another worker wrote it. "
-                "Moving to the offsets Redis holds", outcome.stored_offset, outcome.partition, expected,
+                "Redis has offset %s stored for partition %d, newer than %s: another worker wrote it. "
+                "Moving to the offsets stored in Redis", outcome.stored_offset, outcome.partition, expected,
             )
-        self._seek_to_stored(self.consumer.assignment())
+        self._seek_to_stored(self.consumer.assignment(), batch_starts)
 
-    def _seek_to_stored(self, partitions) -> None:
-        """Seek each partition after the offset Redis holds for it, and expect that offset from now on."""
+    def _seek_to_stored(self, partitions, batch_starts: dict[int, int]) -> None:
+        """Seek each partition after its offset stored in Redis, and expect that offset from now on.
+
+        A partition with no stored offset goes to its earliest offset under the
+        rebuild policy, and otherwise back to the start of the rejected batch,
+        so that no event of that batch is skipped.
+        """
         applied = self._retry(
             "read the applied offsets", "redis", lambda: self.store.load_offsets(self.settings.topic), StoreError
         )
@@ -428,6 +442,8 @@ class Worker:
                 logger.info("Resuming %s after the last applied offset", source_label(tp.topic, tp.partition, stored))
             elif self.settings.redis_loss_policy == "rebuild":
                 self.consumer.seek_to_beginning(tp)
+            elif tp.partition in batch_starts:
+                self.consumer.seek(tp, batch_starts[tp.partition])
 
     def _record(self, result: BatchResult, vocabulary: int) -> None:
         totals, metrics = self.totals, self.metrics
