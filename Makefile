@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[embedded,serve,plot,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[embedded,serve,plot,test,bench]'
 	touch $(STAMP)
 
 demo: install
@@ -25,7 +25,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python benchmarks/throughput.py $(ARGS)
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

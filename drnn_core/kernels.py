@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, types
 
 from drnn_core.config import MAX_ABS_PARAMETER
+from drnn_core.rng import mix64
 from drnn_core.sampling import SAMPLER_TYPE, record_item, sample_negative
 
 STATUS_TRAINED = 0
@@ -37,11 +38,21 @@ RANK_NOT_EVALUATED = -2
 OPTIMIZER_SGD = 0
 OPTIMIZER_ADAGRAD = 1
 
+# merge_duplicate_negatives writes this over a draw that repeats an earlier one.
+REPEATED_NEGATIVE = -1
+
 NEGATIVES_SUM = 0
 NEGATIVES_HARDEST = 1
 
 # Added to the square root of an Adagrad accumulator before dividing by it.
 ADAGRAD_EPSILON = 1e-8
+
+# LLVM may reorder float32 sums (so dot products and norms use SIMD lanes) and
+# fuse multiply-adds, but must keep NaN and infinity semantics: the divergence
+# checks rely on math.isfinite. Every kernel also uses NumPy's error model, so a
+# division by zero gives inf or NaN (which those checks catch) instead of a
+# per-element ZeroDivisionError test that stops vectorisation.
+FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 _F32_1D = types.Array(types.float32, 1, "C")
 _F32_2D = types.Array(types.float32, 2, "C")
@@ -50,7 +61,6 @@ _I32_2D = types.Array(types.int32, 2, "C")
 _I64_1D = types.Array(types.int64, 1, "C")
 _I8_1D = types.Array(types.int8, 1, "C")
 _U64_1D = types.Array(types.uint64, 1, "C")
-_F32_1D_ANY = types.Array(types.float32, 1, "A")
 _I32_1D_ANY = types.Array(types.int32, 1, "A")
 
 PARAMS_TYPE = types.Tuple((_F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_1D))
@@ -68,7 +78,7 @@ STEP_HYPER_TYPE = types.Tuple((types.float64, types.float64, types.float64, type
                                types.int64))
 
 
-@njit(types.float32(types.float32), nogil=True, cache=True)
+@njit(types.float32(types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def sigmoid(z):
     """Return 1 / (1 + exp(-z)) without overflow for large |z|."""
     if z >= 0:
@@ -77,7 +87,7 @@ def sigmoid(z):
     return e / (np.float32(1.0) + e)
 
 
-@njit(types.void(_F32_2D, _F32_2D, _F32_2D, types.int64, _F32_1D_ANY, _F32_1D_ANY), nogil=True, cache=True)
+@njit(types.void(_F32_2D, _F32_2D, _F32_2D, types.int64, _F32_1D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def recurrent_step(X, U, W, item, h_prev, h_out):
     """Compute ``h_out = sigmoid(X[item] U + h_prev W)``.
 
@@ -102,7 +112,7 @@ def recurrent_step(X, U, W, item, h_prev, h_out):
         h_out[j] = sigmoid(h_out[j])
 
 
-@njit(types.void(_F32_2D, _F32_2D, _F32_2D, _F32_1D_ANY, _I32_1D_ANY, types.int64, _F32_2D), nogil=True, cache=True)
+@njit(types.void(_F32_2D, _F32_2D, _F32_2D, _F32_1D, _I32_1D_ANY, types.int64, _F32_2D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def forward_window(X, U, W, start_hidden, items, length, hs):
     """Run the recurrence over the first ``length`` window items.
 
@@ -122,7 +132,7 @@ def forward_window(X, U, W, start_hidden, items, length, hs):
         recurrent_step(X, U, W, items[k], hs[k], hs[k + 1])
 
 
-@njit(types.float32(_F32_1D_ANY, _F32_1D_ANY), nogil=True, cache=True)
+@njit(types.float32(_F32_1D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def dot(a, b):
     """Return the float32 dot product of two vectors."""
     total = np.float32(0.0)
@@ -131,27 +141,26 @@ def dot(a, b):
     return total
 
 
-@njit(types.float32(_F32_1D_ANY, _F32_2D, _F32_1D, types.int64), nogil=True, cache=True)
+@njit(types.float32(_F32_1D, _F32_2D, _F32_1D, types.int64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def item_score(hidden, V, bias, item):
     """Return the score ``hidden . V[item] + bias[item]``."""
     return dot(hidden, V[item]) + bias[item]
 
 
-@njit(types.UniTuple(types.float32, 2)(types.float32), nogil=True, cache=True)
+@njit(types.UniTuple(types.float32, 2)(types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def bpr_margin_loss(x):
     """Return the BPR loss ``-ln sigmoid(x)`` and its derivative ``dL/dx = -sigmoid(-x)``.
 
     The loss is computed as ``log(1 + exp(-x))`` in a form that neither
     overflows nor loses precision.
     """
+    e = np.exp(-abs(x))
     if x >= 0:
-        loss = np.log1p(np.exp(-x))
-    else:
-        loss = -x + np.log1p(np.exp(x))
-    return np.float32(loss), -sigmoid(-x)
+        return np.float32(np.log1p(e)), -e / (np.float32(1.0) + e)
+    return np.float32(-x + np.log1p(e)), np.float32(-1.0) / (np.float32(1.0) + e)
 
 
-@njit(types.UniTuple(types.float32, 2)(_F32_1D_ANY, _F32_1D_ANY, _F32_1D_ANY), nogil=True, cache=True)
+@njit(types.UniTuple(types.float32, 2)(_F32_1D, _F32_1D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def bpr_loss(hidden, v_pos, v_neg):
     """Return the BPR loss and ``dL/dx`` for ``x = hidden . v_pos - hidden . v_neg`` (no bias)."""
     return bpr_margin_loss(dot(hidden, v_pos) - dot(hidden, v_neg))
@@ -160,10 +169,12 @@ def bpr_loss(hidden, v_pos, v_neg):
 @njit(
     types.float32(
         PARAMS_TYPE, _I32_1D_ANY, types.int64, types.int64, _I64_1D, types.int64,
-        _F32_2D, GRADIENTS_TYPE, _F32_1D, _F32_1D,
+        _F32_2D, GRADIENTS_TYPE, _F32_1D, _F32_2D,
     ),
     nogil=True,
     cache=True,
+    fastmath=FAST,
+    error_model="numpy",
 )
 def bptt_gradients(params, items, length, positive, negatives, n_negatives, hs, grads, dh, delta):
     """Compute the gradient of the summed BPR terms (without L2) by truncated BPTT.
@@ -189,8 +200,10 @@ def bptt_gradients(params, items, length, positive, negatives, n_negatives, hs, 
         grad_v (>= n_negatives + 1, h), row 0 is dL/dV[i] and row n + 1 the
         term of negatives[n] in dL/dV[j]; grad_bias (>= n_negatives + 1,), the
         same for the biases.
-    dh, delta : ndarray, shape (h,), float32
+    dh : ndarray, shape (h,), float32
         Scratch space.
+    delta : ndarray, shape (>= length, h), float32
+        Scratch space: row k ends as dL/db at window position k.
 
     Returns
     -------
@@ -218,31 +231,31 @@ def bptt_gradients(params, items, length, positive, negatives, n_negatives, hs, 
             grad_v[0, j] += dl_dx * h_t[j]
             grad_v[n + 1, j] = -dl_dx * h_t[j]
             dh[j] += dl_dx * (V[positive, j] - V[negative, j])
-    grad_u_w[:, :] = 0.0
 
     for step in range(length - 1, -1, -1):
         h_now = hs[step + 1]
-        h_prev = hs[step]
-        item = items[step]
+        step_delta = delta[step]
         for j in range(size):
-            delta[j] = dh[j] * h_now[j] * (np.float32(1.0) - h_now[j])
-
+            step_delta[j] = dh[j] * h_now[j] * (np.float32(1.0) - h_now[j])
         for k in range(size):
-            xk = X[item, k]
-            hk = h_prev[k]
-            gx = np.float32(0.0)
-            gh = np.float32(0.0)
+            grad_x[step, k] = dot(U[k], step_delta)
+            dh[k] = dot(W[k], step_delta)
+
+    for k in range(size):
+        for j in range(size):
+            grad_u_w[k, j] = 0.0
+            grad_u_w[size + k, j] = 0.0
+        for step in range(length):
+            xk = X[items[step], k]
+            hk = hs[step, k]
+            step_delta = delta[step]
             for j in range(size):
-                grad_u_w[k, j] += xk * delta[j]
-                grad_u_w[size + k, j] += hk * delta[j]
-                gx += U[k, j] * delta[j]
-                gh += W[k, j] * delta[j]
-            grad_x[step, k] = gx
-            dh[k] = gh
+                grad_u_w[k, j] += xk * step_delta[j]
+                grad_u_w[size + k, j] += hk * step_delta[j]
     return total_loss
 
 
-@njit(types.void(_I32_1D_ANY, types.int64, _F32_2D), nogil=True, cache=True)
+@njit(types.void(_I32_1D_ANY, types.int64, _F32_2D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def merge_duplicate_rows(items, length, grad_x):
     """Add the gradient of every repeated window item into the row of its first position.
 
@@ -257,12 +270,13 @@ def merge_duplicate_rows(items, length, grad_x):
                 break
 
 
-@njit(types.void(_I64_1D, types.int64, _F32_2D, _F32_1D), nogil=True, cache=True)
+@njit(types.void(_I64_1D, types.int64, _F32_2D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias):
     """Add the V and bias gradient of every repeated negative into the row of its first draw.
 
     Row n + 1 of ``grad_v`` and entry n + 1 of ``grad_bias`` belong to
-    ``negatives[n]``; a repeated draw's own row is then zeroed.
+    ``negatives[n]``. A repeated draw's own row is then zeroed and the draw is
+    set to REPEATED_NEGATIVE in ``negatives``, so later loops skip it in O(1).
     """
     for n in range(1, n_negatives):
         for first in range(n):
@@ -271,11 +285,12 @@ def merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias):
                 grad_bias[first + 1] += grad_bias[n + 1]
                 grad_v[n + 1, :] = 0.0
                 grad_bias[n + 1] = 0.0
+                negatives[n] = REPEATED_NEGATIVE
                 break
 
 
 @njit(types.void(_I32_1D_ANY, types.int64, types.int64, _I64_1D, types.int64, _F32_2D, _F32_2D, _I64_1D),
-      nogil=True, cache=True)
+      nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, grad_v, x_target):
     """Move the X gradient of each window item that is also scored into its V gradient row.
 
@@ -299,13 +314,13 @@ def merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, gra
             grad_x[k, :] = 0.0
 
 
-@njit(types.boolean(types.float32), nogil=True, cache=True)
+@njit(types.boolean(types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def _bounded(value):
     """Return whether a new parameter value is finite and within MAX_ABS_PARAMETER."""
     return math.isfinite(value) and abs(value) <= MAX_ABS_PARAMETER
 
 
-@njit(types.boolean(_I32_1D_ANY, types.int64, types.int64), nogil=True, cache=True)
+@njit(types.boolean(_I32_1D_ANY, types.int64, types.int64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def is_repeat(items, length, position):
     """Return whether ``items[position]`` also occurs at an earlier position."""
     for first in range(min(position, length)):
@@ -314,21 +329,130 @@ def is_repeat(items, length, position):
     return False
 
 
-@njit(types.boolean(_I64_1D, types.int64), nogil=True, cache=True)
+@njit(types.boolean(_I64_1D, types.int64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def is_repeat_negative(negatives, position):
-    """Return whether ``negatives[position]`` also occurs at an earlier position."""
-    for first in range(position):
-        if negatives[first] == negatives[position]:
-            return True
-    return False
+    """Return whether ``merge_duplicate_negatives`` marked ``negatives[position]`` as a repeated draw."""
+    return negatives[position] == REPEATED_NEGATIVE
 
 
-@njit(types.float64(types.float64, types.float64, types.int64, types.float64), nogil=True, cache=True)
+@njit(types.float64(types.float64, types.float64, types.int64, types.float64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def _step_factor(learning_rate, accumulator, optimizer, scale):
     """Return the learning rate of a parameter: plain, or divided by the root of its Adagrad sum."""
     if optimizer == OPTIMIZER_ADAGRAD:
         return learning_rate / (math.sqrt(accumulator) + ADAGRAD_EPSILON) * scale
     return learning_rate * scale
+
+
+@njit(types.float32(_F32_1D, _F32_1D, types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
+def regularised_square_sum(grad, param, reg):
+    """Return the sum over m of ``(grad[m] + reg * param[m]) ** 2``.
+
+    Parameters
+    ----------
+    grad, param : ndarray, shape (m,), float32
+    reg : float32
+    """
+    total = np.float32(0.0)
+    for m in range(grad.shape[0]):
+        g = grad[m] + reg * param[m]
+        total += g * g
+    return total
+
+
+@njit(types.int64(_F32_1D, _F32_1D, _F32_1D, _F32_1D, _F32_1D, types.float32, types.float32, types.float32),
+      nogil=True, cache=True, fastmath=FAST, error_model="numpy")
+def adagrad_elementwise(param, grad, acc, new_param, new_acc, rate, reg, clip_sq):
+    """Write one Adagrad step with one accumulator per element, without changing ``param`` or ``acc``.
+
+    With ``g = grad + reg * param``, ``new_acc = acc + clip_sq * g**2`` and
+    ``new_param = param - rate * g / sqrt(max(new_acc, ADAGRAD_EPSILON**2))``.
+    ``rate`` already includes the clip factor. The floor replaces the usual
+    ``sqrt(new_acc) + ADAGRAD_EPSILON``: both give ``1 / ADAGRAD_EPSILON`` for an
+    empty accumulator, and they differ by a relative ``ADAGRAD_EPSILON /
+    sqrt(new_acc)``, below 1e-7 once ``new_acc`` exceeds 0.01 (the default
+    initial accumulator is 0.1). This form lets LLVM use the SIMD reciprocal
+    square root with one Newton step (about 2e-7 relative error), which
+    measured about twice as fast as a square root and a division.
+
+    Parameters
+    ----------
+    param, grad, acc : ndarray, shape (m,), float32
+    new_param, new_acc : ndarray, shape (m,), float32
+        Outputs; must not alias the inputs.
+    rate, reg, clip_sq : float32
+
+    Returns
+    -------
+    int
+        How many new values are NaN, infinite or above MAX_ABS_PARAMETER in magnitude.
+    """
+    floor = np.float32(ADAGRAD_EPSILON * ADAGRAD_EPSILON)
+    limit = np.float32(MAX_ABS_PARAMETER)
+    bad = 0
+    for m in range(param.shape[0]):
+        g = grad[m] + reg * param[m]
+        total = acc[m] + clip_sq * g * g
+        new_acc[m] = total
+        value = param[m] - rate * g / np.sqrt(max(total, floor))
+        new_param[m] = value
+        if not abs(value) <= limit:
+            bad += 1
+    return bad
+
+
+@njit(types.int64(_F32_1D, _F32_1D, _F32_1D, types.float32, types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
+def sgd_elementwise(param, grad, new_param, rate, reg):
+    """Write ``new_param = param - rate * (grad + reg * param)``; ``new_param`` must not alias the inputs.
+
+    Parameters
+    ----------
+    param, grad, new_param : ndarray, shape (m,), float32
+    rate, reg : float32
+
+    Returns
+    -------
+    int
+        How many new values are NaN, infinite or above MAX_ABS_PARAMETER in magnitude.
+    """
+    limit = np.float32(MAX_ABS_PARAMETER)
+    bad = 0
+    for m in range(param.shape[0]):
+        value = param[m] - rate * (grad[m] + reg * param[m])
+        new_param[m] = value
+        if not abs(value) <= limit:
+            bad += 1
+    return bad
+
+
+@njit(
+    types.int64(_F32_1D, _F32_1D, types.float32, types.float32, types.float32, types.float32, types.int64, _F32_1D),
+    nogil=True, cache=True, fastmath=FAST, error_model="numpy",
+)
+def row_step(param, grad, new_acc, rate, reg, clip, optimizer, new_param):
+    """Write one SGD or row-wise Adagrad step of an embedding row.
+
+    ``new_param = param - factor * (grad + reg * param)``, where ``factor`` is
+    ``_step_factor`` of the row's new accumulator.
+
+    Parameters
+    ----------
+    param, grad : ndarray, shape (h,), float32
+    new_acc : float32
+        The row's Adagrad sum after this step (unused by SGD).
+    rate, reg, clip : float32
+        Learning rate, ``2 * l2`` and the clip factor.
+    optimizer : int
+        OPTIMIZER_SGD or OPTIMIZER_ADAGRAD.
+    new_param : ndarray, shape (h,), float32
+        Output; must not alias ``param`` or ``grad``.
+
+    Returns
+    -------
+    int
+        How many new values are NaN, infinite or above MAX_ABS_PARAMETER in magnitude.
+    """
+    factor = np.float32(_step_factor(rate, new_acc, optimizer, clip))
+    return sgd_elementwise(param, grad, new_param, factor, reg)
 
 
 @njit(
@@ -338,6 +462,8 @@ def _step_factor(learning_rate, accumulator, optimizer, scale):
     ),
     nogil=True,
     cache=True,
+    fastmath=FAST,
+    error_model="numpy",
 )
 def sgd_update(params, accumulators, items, length, positive, negatives, n_negatives, grads, step_hyper, scratch):
     """Apply one clipped SGD or Adagrad step with L2, unless it would diverge.
@@ -359,6 +485,7 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
         Adagrad sums (X rows (n,), U (h, h), W (h, h), V rows (n,), bias (n,)),
         float32, updated in place by Adagrad steps.
     items, length, positive, negatives, n_negatives : see bptt_gradients.
+        Repeated draws in ``negatives`` are overwritten with REPEATED_NEGATIVE.
     grads : tuple
         The BPR gradients from bptt_gradients; grad_x and grad_v are changed in
         place (repeated rows merged).
@@ -393,27 +520,24 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
     if tied != 0:
         merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, grad_v, x_target)
 
-    sq = 0.0
+    # The norm pass keeps each embedding row's square sum in its accumulator
+    # slot, so that the row's Adagrad step does not sum it again.
+    reg32 = np.float32(reg)
+    sq = np.float32(0.0)
     for k in range(length):
         if not is_repeat(items, length, k) and x_target[k] < 0:
-            row = items[k]
-            for j in range(size):
-                g = grad_x[k, j] + reg * X[row, j]
-                sq += g * g
-    for k in range(size):
-        for j in range(size):
-            gu = grad_u_w[k, j] + reg * U[k, j]
-            gw = grad_u_w[size + k, j] + reg * W[k, j]
-            sq += gu * gu + gw * gw
+            new_acc_x[k] = regularised_square_sum(grad_x[k], X[items[k]], reg32)
+            sq += new_acc_x[k]
+    sq += regularised_square_sum(grad_u_w[:size].reshape(-1), U.reshape(-1), reg32)
+    sq += regularised_square_sum(grad_u_w[size:].reshape(-1), W.reshape(-1), reg32)
     for n in range(n_negatives + 1):
         if n > 0 and is_repeat_negative(negatives, n - 1):
             continue
         row = positive if n == 0 else negatives[n - 1]
-        for j in range(size):
-            g = grad_v[n, j] + reg * V[row, j]
-            sq += g * g
+        new_acc_v[n] = regularised_square_sum(grad_v[n], V[row], reg32)
+        sq += new_acc_v[n]
         if item_bias != 0:
-            g = grad_bias[n] + reg * bias[row]
+            g = grad_bias[n] + reg32 * bias[row]
             sq += g * g
     norm = math.sqrt(sq)
     if not math.isfinite(norm):
@@ -422,67 +546,51 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
     if norm > max_grad_norm:
         clip = max_grad_norm / norm
 
-    finite = True
+    rate = np.float32(learning_rate)
+    clip32 = np.float32(clip)
+    row_scale = clip32 * clip32 / np.float32(size)
+    bad = 0
     for k in range(length):
         if is_repeat(items, length, k) or x_target[k] >= 0:
             continue
         row = items[k]
-        mean_sq = 0.0
-        for j in range(size):
-            g = clip * (grad_x[k, j] + reg * X[row, j])
-            mean_sq += g * g
-        new_acc_x[k] = np.float32(acc_x[row] + mean_sq / size)
-        factor = _step_factor(learning_rate, new_acc_x[k], optimizer, clip)
-        for j in range(size):
-            value = np.float32(X[row, j] - factor * (grad_x[k, j] + reg * X[row, j]))
-            new_x[k, j] = value
-            finite &= _bounded(value)
+        new_acc_x[k] = acc_x[row] + new_acc_x[k] * row_scale
+        bad += row_step(X[row], grad_x[k], new_acc_x[k], rate, reg32, clip32, optimizer, new_x[k])
 
-    # U and W have one accumulator per element, so their loop is split by
+    # U and W have one accumulator per element, so their step is split by
     # optimizer to keep the SGD step free of the h * h square roots.
-    recurrent_rate = learning_rate * recurrent_scale * clip
-    adagrad = optimizer == OPTIMIZER_ADAGRAD
-    for k in range(size):
-        for j in range(size):
-            gu = grad_u_w[k, j] + reg * U[k, j]
-            gw = grad_u_w[size + k, j] + reg * W[k, j]
-            if adagrad:
-                acc_new_u = np.float32(acc_u[k, j] + clip * clip * gu * gu)
-                acc_new_w = np.float32(acc_w[k, j] + clip * clip * gw * gw)
-                new_acc_u_w[k, j] = acc_new_u
-                new_acc_u_w[size + k, j] = acc_new_w
-                value_u = np.float32(U[k, j] - recurrent_rate / (math.sqrt(acc_new_u) + ADAGRAD_EPSILON) * gu)
-                value_w = np.float32(W[k, j] - recurrent_rate / (math.sqrt(acc_new_w) + ADAGRAD_EPSILON) * gw)
-            else:
-                value_u = np.float32(U[k, j] - recurrent_rate * gu)
-                value_w = np.float32(W[k, j] - recurrent_rate * gw)
-            new_u_w[k, j] = value_u
-            new_u_w[size + k, j] = value_w
-            finite &= _bounded(value_u) and _bounded(value_w)
+    recurrent_rate = np.float32(learning_rate * recurrent_scale * clip)
+    clip_sq = np.float32(clip * clip)
+    u_rows = size * size
+    flat_grad = grad_u_w.reshape(-1)
+    flat_new = new_u_w.reshape(-1)
+    flat_acc = new_acc_u_w.reshape(-1)
+    if optimizer == OPTIMIZER_ADAGRAD:
+        bad += adagrad_elementwise(U.reshape(-1), flat_grad[:u_rows], acc_u.reshape(-1), flat_new[:u_rows],
+                                   flat_acc[:u_rows], recurrent_rate, reg32, clip_sq)
+        bad += adagrad_elementwise(W.reshape(-1), flat_grad[u_rows:], acc_w.reshape(-1), flat_new[u_rows:],
+                                   flat_acc[u_rows:], recurrent_rate, reg32, clip_sq)
+    else:
+        bad += sgd_elementwise(U.reshape(-1), flat_grad[:u_rows], flat_new[:u_rows], recurrent_rate, reg32)
+        bad += sgd_elementwise(W.reshape(-1), flat_grad[u_rows:], flat_new[u_rows:], recurrent_rate, reg32)
 
     for n in range(n_negatives + 1):
         if n > 0 and is_repeat_negative(negatives, n - 1):
             continue
         row = positive if n == 0 else negatives[n - 1]
-        mean_sq = 0.0
-        for j in range(size):
-            g = clip * (grad_v[n, j] + reg * V[row, j])
-            mean_sq += g * g
-        new_acc_v[n] = np.float32(acc_v[row] + mean_sq / size)
-        factor = _step_factor(learning_rate, new_acc_v[n], optimizer, clip)
-        for j in range(size):
-            value = np.float32(V[row, j] - factor * (grad_v[n, j] + reg * V[row, j]))
-            new_v[n, j] = value
-            finite &= _bounded(value)
+        new_acc_v[n] = acc_v[row] + new_acc_v[n] * row_scale
+        bad += row_step(V[row], grad_v[n], new_acc_v[n], rate, reg32, clip32, optimizer, new_v[n])
         if item_bias != 0:
-            g = grad_bias[n] + reg * bias[row]
-            new_acc_bias[n] = np.float32(acc_bias[row] + clip * clip * g * g)
-            factor = _step_factor(learning_rate, new_acc_bias[n], optimizer, clip)
-            value = np.float32(bias[row] - factor * g)
-            new_bias[n] = value
-            finite &= _bounded(value)
-    if not finite:
+            g = grad_bias[n] + reg32 * bias[row]
+            new_acc_bias[n] = acc_bias[row] + clip32 * clip32 * g * g
+            factor = np.float32(_step_factor(learning_rate, new_acc_bias[n], optimizer, clip))
+            new_bias[n] = bias[row] - factor * g
+            if not _bounded(new_bias[n]):
+                bad += 1
+    if bad > 0:
         return False
+
+    adagrad = optimizer == OPTIMIZER_ADAGRAD
 
     for k in range(length):
         if not is_repeat(items, length, k) and x_target[k] < 0:
@@ -511,10 +619,12 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
 @njit(
     types.int64(
         SAMPLER_TYPE, types.int64, types.int64, _U64_1D, types.int64, types.int64,
-        _F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D,
+        _F32_1D, _F32_2D, _F32_1D, _I64_1D,
     ),
     nogil=True,
     cache=True,
+    fastmath=FAST,
+    error_model="numpy",
 )
 def draw_negatives(sampler, positive, kind, rng_state, count, mode, hidden, V, bias, out):
     """Draw ``count`` negatives and keep all of them (NEGATIVES_SUM) or the best-scored one (NEGATIVES_HARDEST).
@@ -557,7 +667,7 @@ def draw_negatives(sampler, positive, kind, rng_state, count, mode, hidden, V, b
     return kept
 
 
-@njit(types.int64(_F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D, types.int64, types.int64), nogil=True, cache=True)
+@njit(types.int64(_F32_1D, _F32_2D, _F32_1D, _I64_1D, types.int64, types.int64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def rank_item(hidden, V, bias, item_count, n_rows, target):
     """Return the full-ranking rank of ``target`` among the known items.
 
@@ -587,7 +697,7 @@ def rank_item(hidden, V, bias, item_count, n_rows, target):
     return rank
 
 
-@njit(types.void(_F32_1D_ANY, _F32_2D, _F32_1D, _I64_1D, types.int64, _F32_1D), nogil=True, cache=True)
+@njit(types.void(_F32_1D, _F32_2D, _F32_1D, _I64_1D, types.int64, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def score_items(hidden, V, bias, item_count, n_rows, scores):
     """Write ``hidden . V[j] + bias[j]`` for every known item j < n_rows and -inf for the others.
 
@@ -608,7 +718,7 @@ def score_items(hidden, V, bias, item_count, n_rows, scores):
             scores[j] = -np.inf
 
 
-@njit(types.void(PARAMS_TYPE, STATES_TYPE, types.int64, types.int64, _I32_1D, _F32_2D, _F32_1D), nogil=True, cache=True)
+@njit(types.void(PARAMS_TYPE, STATES_TYPE, types.int64, types.int64, _I32_1D, _F32_2D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def advance_state(params, states, slot, item, items_buf, hs, scratch):
     """Append ``item`` to a user's window and recompute its states with the current parameters.
 
@@ -638,11 +748,27 @@ def advance_state(params, states, slot, item, items_buf, hs, scratch):
     window_len[slot] = length
 
 
+@njit(types.boolean(types.int64, types.int64, types.int64), nogil=True, cache=True)
+def in_evaluation_sample(partition, offset, sample_every):
+    """Return whether the event at ``partition`` and ``offset`` is ranked.
+
+    ``sample_every`` 0 ranks nothing and 1 every event. A larger M ranks the
+    events whose hashed position is a multiple of M: about one in M, spread
+    over users and over each user's history, and the same events on every
+    replay of the stream, whatever the micro-batches.
+    """
+    if sample_every <= 1:
+        return sample_every == 1
+    return mix64(partition, offset) % np.uint64(sample_every) == 0
+
+
 @njit(
     types.void(PARAMS_TYPE, ACCUMULATORS_TYPE, STATES_TYPE, EVENTS_TYPE, SAMPLER_TYPE, HYPER_TYPE, _U64_1D,
                OUTPUTS_TYPE),
     nogil=True,
     cache=True,
+    fastmath=FAST,
+    error_model="numpy",
 )
 def train_batch(params, accumulators, states, events, sampler, hyper, rng_state, outputs):
     """Apply a micro-batch of events in order: rank, train, then advance each user's state.
@@ -651,7 +777,8 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
 
     1. Skip it as STATUS_DUPLICATE if its offset is not newer than the last one
        applied to the user on the same partition.
-    2. Rank i from the user's current state (if ``evaluate``), before learning from it.
+    2. Rank i from the user's current state before learning from it, if the
+       event is in the evaluation sample (see ``in_evaluation_sample``).
     3. If the user has history, draw the negatives and take one SGD or Adagrad
        step on the BPR loss, with truncated BPTT through the user's window.
     4. Append i to the user's window, recompute the states, and count the event
@@ -671,7 +798,8 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
         ItemStats.as_tuple(), updated in place.
     hyper : tuple
         (learning_rate, l2, max_grad_norm, popularity_alpha, sampler kind,
-        evaluate 0/1, negatives per event, NEGATIVES_SUM or NEGATIVES_HARDEST,
+        evaluation sample interval M (0: rank nothing, 1: rank every event),
+        negatives per event, NEGATIVES_SUM or NEGATIVES_HARDEST,
         OPTIMIZER_SGD or OPTIMIZER_ADAGRAD, item_bias 0/1, recurrent learning
         rate scale).
     rng_state : ndarray, shape (1,), uint64
@@ -684,7 +812,7 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
     X, U, W, V, bias = params
     hidden, start_hidden, window, window_len, count, last_partition, last_offset = states
     event_slot, event_item, event_partition, event_offset = events
-    (learning_rate, l2, max_grad_norm, alpha, sampler_kind, evaluate,
+    (learning_rate, l2, max_grad_norm, alpha, sampler_kind, sample_every,
      n_draws, negative_mode, optimizer, item_bias, recurrent_scale, tied) = hyper
     status, losses, ranks = outputs
     item_count, known_items, meta, fenwick = sampler
@@ -713,7 +841,7 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
     )
     negatives = np.zeros(n_draws, dtype=np.int64)
     dh = np.zeros(size, dtype=np.float32)
-    delta = np.zeros(size, dtype=np.float32)
+    delta = np.zeros((capacity, size), dtype=np.float32)
     items_buf = np.zeros(capacity + 1, dtype=np.int32)
 
     for e in range(event_slot.shape[0]):
@@ -730,7 +858,7 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
 
         length = np.int64(window_len[slot])
         forward_window(X, U, W, start_hidden[slot], window[slot], length, hs)
-        if evaluate != 0:
+        if in_evaluation_sample(partition, offset, sample_every):
             ranks[e] = rank_item(hs[length], V, bias, item_count, meta[1], item)
 
         outcome = STATUS_NO_HISTORY
@@ -745,7 +873,7 @@ def train_batch(params, accumulators, states, events, sampler, hyper, rng_state,
                                      grads, step_hyper, scratch)
                 outcome = STATUS_TRAINED if applied else STATUS_NON_FINITE
 
-        advance_state(params, states, slot, item, items_buf, hs, delta)
+        advance_state(params, states, slot, item, items_buf, hs, dh)
         count[slot] += 1
         last_partition[slot] = partition
         last_offset[slot] = offset

@@ -10,12 +10,15 @@ import numpy as np
 
 from drnn_core import kernels
 from drnn_core.config import ModelConfig
-from drnn_core.errors import ModelFormatError, ModelShapeError
+from drnn_core.errors import ConfigError, ModelFormatError, ModelShapeError
 from drnn_core.rng import new_rng_state
 from drnn_core.sampling import POPULARITY, UNIFORM, ItemStats, build_fenwick
 from drnn_core.state import UserStateBatch
 
 MODEL_FORMAT_VERSION = 2
+
+# Rows of new initial weights drawn at a time when X or V grows.
+GROW_CHUNK_ROWS = 65536
 _MAGIC = "drnn-stream-model"
 PARAMETER_ARRAYS = ("X", "U", "W", "V", "bias", "acc_x", "acc_u", "acc_w", "acc_v", "acc_bias")
 
@@ -116,6 +119,21 @@ class RecurrentBPR:
         values = self._init_rng.normal(0.0, self.config.init_scale, size=shape)
         return np.ascontiguousarray(values, dtype=np.float32)
 
+    def _grown_embedding(self, embedding: np.ndarray) -> np.ndarray:
+        """Return ``embedding`` with as many new rows of initial weights appended, drawn in chunks.
+
+        Drawing in chunks gives the same values as one draw, but holds only one
+        chunk in float64 at a time, so growing to a large catalogue needs little
+        more memory than the old and new arrays.
+        """
+        rows, size = embedding.shape
+        grown = np.empty((2 * rows, size), dtype=np.float32)
+        grown[:rows] = embedding
+        for start in range(rows, 2 * rows, GROW_CHUNK_ROWS):
+            end = min(start + GROW_CHUNK_ROWS, 2 * rows)
+            grown[start:end] = self._normal((end - start, size))
+        return grown
+
     def _accumulator(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.full(shape, self.config.adagrad_initial_accumulator, dtype=np.float32)
 
@@ -138,11 +156,11 @@ class RecurrentBPR:
         """
         while self.capacity < n_items:
             extra = self.capacity
-            self.X = np.ascontiguousarray(np.vstack([self.X, self._normal((extra, self.config.hidden_size))]))
+            self.X = self._grown_embedding(self.X)
             if self.config.tie_embeddings:
                 self.V = self.X
             else:
-                self.V = np.ascontiguousarray(np.vstack([self.V, self._normal((extra, self.config.hidden_size))]))
+                self.V = self._grown_embedding(self.V)
             self.bias = np.concatenate([self.bias, np.zeros(extra, dtype=np.float32)])
             self.acc_v = np.concatenate([self.acc_v, self._accumulator((extra,))])
             if self.config.tie_embeddings:
@@ -161,6 +179,7 @@ class RecurrentBPR:
         offsets: np.ndarray,
         *,
         evaluate: bool = True,
+        sample_every: int = 1,
     ) -> BatchResult:
         """Apply a micro-batch of events in order; see ``kernels.train_batch``.
 
@@ -176,8 +195,14 @@ class RecurrentBPR:
         offsets : ndarray, shape (B,), int64
             Kafka position of each event, used to skip replays.
         evaluate : bool
-            Rank each event's item before training on it.
+            Rank the events' items before training on them.
+        sample_every : int
+            With ``evaluate``, rank about one event in every ``sample_every``
+            (the same events on every replay, see
+            ``kernels.in_evaluation_sample``); 1 ranks every event.
         """
+        if sample_every < 1:
+            raise ConfigError(f"sample_every must be at least 1, got {sample_every}: use 1 to rank every event")
         if items.size:
             self.ensure_capacity(int(items.max()) + 1)
         size = slots.shape[0]
@@ -198,13 +223,13 @@ class RecurrentBPR:
             states.as_tuple(),
             events,
             self.stats.as_tuple(),
-            self._hyper(evaluate),
+            self._hyper(sample_every if evaluate else 0),
             self.rng_state,
             (result.status, result.loss, result.rank),
         )
         return result
 
-    def _hyper(self, evaluate: bool) -> tuple:
+    def _hyper(self, sample_every: int) -> tuple:
         config = self.config
         kind = POPULARITY if config.sampler == "popularity" else UNIFORM
         return (
@@ -213,7 +238,7 @@ class RecurrentBPR:
             float(config.max_grad_norm),
             float(config.popularity_alpha),
             int(kind),
-            int(evaluate),
+            int(sample_every),
             int(config.negatives),
             kernels.NEGATIVES_HARDEST if config.negative_mode == "hardest" else kernels.NEGATIVES_SUM,
             kernels.OPTIMIZER_ADAGRAD if config.optimizer == "adagrad" else kernels.OPTIMIZER_SGD,

@@ -38,6 +38,15 @@ def next_u64(rng_state):
     return z ^ (z >> np.uint64(31))
 
 
+@njit(types.uint64(types.int64, types.int64), nogil=True, cache=True)
+def mix64(a, b):
+    """Return 64 well-mixed bits of the pair (a, b): the SplitMix64 finaliser of ``a * golden + b``."""
+    z = np.uint64(a) * _GOLDEN + np.uint64(b)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
 @njit(types.float64(_STATE), nogil=True, cache=True)
 def next_float(rng_state):
     """Return a uniform float64 in [0, 1) with 53 random bits."""

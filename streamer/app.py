@@ -33,6 +33,7 @@ def make_store(settings: Settings, client: redis.Redis | None = None) -> RedisSt
         prefix=settings.key_prefix,
         hidden_size=settings.hidden_size,
         window=settings.window,
+        state_dtype=settings.state_dtype,
     )
 
 

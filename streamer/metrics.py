@@ -74,6 +74,11 @@ class WorkerMetrics:
             "drnn_prequential_evaluated_total",
             "Events ranked before training (full ranking over known items).", registry=registry,
         )
+        self.sample_every = Gauge(
+            "drnn_prequential_sample_every",
+            "The worker ranks about one event in this many (1: every event, 0: evaluation off); "
+            "the prequential counters cover only the ranked events.", registry=registry,
+        )
         self.hits = Counter(
             "drnn_prequential_hits_at_10_total", "Evaluated events whose item ranked in the top 10.", registry=registry
         )

@@ -66,6 +66,12 @@ class Settings:
     max_id_length: int = _setting(256, "Longest accepted user or item id in characters.", low=1, high=65536)
     hidden_size: int = _setting(64, "Model hidden size h.", low=1, high=4096)
     window: int = _setting(4, "Items kept per user and BPTT depth K.", low=1, high=64)
+    state_dtype: str = _setting(
+        "float32",
+        "Float type of the hidden states in the Redis user-state blobs: float32, or float16 "
+        "(4*h fewer bytes per user, each value rounded to 11 significant bits). Workers read both types.",
+        choices=("float32", "float16"),
+    )
     learning_rate: float = _setting(0.2, "Learning rate of SGD, or base learning rate of Adagrad.")
     l2: float = _setting(1e-5, "L2 penalty lambda on the parameters of each update.")
     max_grad_norm: float = _setting(5.0, "Clip each event's gradient to this global L2 norm.")
@@ -81,6 +87,7 @@ class Settings:
     adagrad_initial_accumulator: float = _setting(0.1, "Starting value of every Adagrad accumulator.")
     tie_embeddings: bool = _setting(True, "Use one item embedding for input and output (X = V); it must match the checkpoint loaded.")
     evaluate: bool = _setting(True, "Rank each event's item before training on it (prequential HR@10 and MRR@10).")
+    evaluation_sample_every: int = _setting(1, "Worker only: rank about one event in every M, chosen by a hash of partition and offset (1: every event). `evaluate` always ranks every event.", low=1, high=1_000_000)
     checkpoint_dir: str = _setting("checkpoints", "Directory of model checkpoints; the newest is loaded at start.")
     checkpoint_every_events: int = _setting(100000, "Write a checkpoint after this many applied events (0: never by count).", low=0, high=2**62)
     checkpoint_every_seconds: float = _setting(300.0, "Write a checkpoint after this many seconds (0: never by time).", low=0.0, high=86400.0 * 365)

@@ -105,7 +105,10 @@ return highest + 1
 # The script checks the epoch and every expected offset before it writes anything,
 # so a rejected batch changes nothing. A state whose event count (i64 at byte 10 of
 # the blob) is not greater than the stored one is skipped, never written, and an
-# applied offset never moves back.
+# applied offset never moves back. The counts are compared when the stored blob has
+# the magic, version, h and K (bytes 0-2 and 4-7) of the new blob and a length that
+# fits h and K as float32 or float16. The dtype code (byte 3) may differ, so stale
+# writes are still skipped while workers switch state_dtype.
 _COMMIT_BATCH_LUA = """
 local epoch = redis.call('GET', KEYS[2])
 if epoch ~= ARGV[1] then
@@ -128,7 +131,11 @@ for k = 4, #KEYS do
     local write = true
     if ARGV[position + 1] ~= '1' then
         local old = redis.call('GET', KEYS[k])
-        if old and string.len(old) == string.len(blob) and string.sub(old, 1, 3) == string.sub(blob, 1, 3) then
+        local h, window = struct.unpack('<HH', blob, 5)
+        local old_length = old and string.len(old) or 0
+        if old and (old_length == 30 + 8 * h + 4 * window or old_length == 30 + 4 * h + 4 * window)
+                and string.sub(old, 1, 3) == string.sub(blob, 1, 3)
+                and string.sub(old, 5, 8) == string.sub(blob, 5, 8) then
             if struct.unpack('<i8', blob, 11) <= struct.unpack('<i8', old, 11) then
                 write = false
             end
@@ -207,20 +214,26 @@ class RedisStore:
         Key prefix of this model: letters, digits, ``_``, ``.`` and ``-``.
     hidden_size, window : int
         h and K of the stored states. Blobs with another h or K load as corrupt.
+    state_dtype : {"float32", "float16"}
+        Float type of the hidden states in the blobs this store writes. Loading
+        accepts blobs of both types.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str, hidden_size: int, window: int):
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, hidden_size: int, window: int, state_dtype: str = "float32"
+    ):
         if not isinstance(prefix, str) or not PREFIX_PATTERN.fullmatch(prefix):
             raise ConfigError(
                 f"Invalid key prefix {prefix!r}: use one or more letters, digits, '_', '.' or '-', "
                 "so that it cannot overlap another prefix"
             )
-        state_size_bytes(hidden_size, window)
+        state_size_bytes(hidden_size, window, state_dtype)
 
         self.client = client
         self.prefix = prefix
         self.hidden_size = hidden_size
         self.window = window
+        self.state_dtype = state_dtype
         self._index_key = f"{prefix}:item:index".encode()
         self._ids_key = f"{prefix}:item:ids".encode()
         self._next_key = f"{prefix}:item:next".encode()
@@ -322,7 +335,7 @@ class RedisStore:
                 f"Cannot save states: got {len(user_ids)} user ids for {batch.size} batch rows"
             )
 
-        blobs = encode_states(batch)
+        blobs = encode_states(batch, state_dtype=self.state_dtype)
         states = {self.user_key(user_id): blob for user_id, blob in zip(user_ids, blobs)}
         applied = {str(int(partition)): str(int(offset)) for partition, offset in offsets.items()}
         if not states and not applied:
@@ -407,7 +420,7 @@ class RedisStore:
             expected = expected_offsets.get(partition)
             args += [str(int(partition)), "" if expected is None else str(int(expected)), str(int(offset))]
         args.append(int(new_users))
-        for user_id, blob in zip(user_ids, encode_states(batch)):
+        for user_id, blob in zip(user_ids, encode_states(batch, state_dtype=self.state_dtype)):
             args += [blob, "1" if user_id in forced else "0"]
         keys = [self.offsets_key(topic), self._epoch_key, self._users_key]
         keys += [self.user_key(user_id) for user_id in user_ids]

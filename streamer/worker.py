@@ -134,6 +134,7 @@ class Worker:
         self.model = model
         self.checkpoints = checkpoints
         self.metrics = metrics
+        metrics.sample_every.set(settings.evaluation_sample_every if settings.evaluate else 0)
         self.totals = Totals()
         self.limits = DecodeLimits(
             max_message_bytes=settings.max_message_bytes, max_id_length=settings.max_id_length, require_key=True
@@ -328,7 +329,8 @@ class Worker:
                 if corrupt:
                     was_new[[slot_of[user] for user in corrupt]] = False
                 result = self.model.train_batch(
-                    states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate
+                    states, slots, items, decoded.partitions, decoded.offsets, evaluate=self.settings.evaluate,
+                    sample_every=self.settings.evaluation_sample_every,
                 )
                 new_users = int(np.count_nonzero(was_new & (states.count > 0)))
 

@@ -111,7 +111,7 @@ def _kernel_bptt_buffers(params, start_hidden, items, positive, negatives):
 
     grads = _gradient_buffers(size, len(items), len(negatives))
     scratch_dh = np.zeros(size, dtype=np.float32)
-    scratch_delta = np.zeros(size, dtype=np.float32)
+    scratch_delta = np.zeros((len(items), size), dtype=np.float32)
     loss = kernels.bptt_gradients(params, items, len(items), positive, negatives, len(negatives), states,
                                   grads, scratch_dh, scratch_delta)
     return grads, loss
@@ -1145,3 +1145,51 @@ def test_train_batch_leaves_events_unchanged(rows, seed):
 
     for actual, expected in zip(events, before):
         np.testing.assert_array_equal(actual, expected)
+
+
+# Element-wise steps.
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.floats(-10.0, 10.0, width=32), min_size=1, max_size=40),
+    st.floats(0.015625, 100.0, width=32),
+    st.floats(0.0009765625, 1.0, width=32),
+)
+def test_adagrad_elementwise_matches_epsilon_formula(values, accumulator, rate):
+    param = np.asarray(values, dtype=np.float32)
+    grad = param[::-1].copy()
+    acc = np.full_like(param, accumulator)
+    new_param, new_acc = np.empty_like(param), np.empty_like(param)
+    reg, clip_sq = np.float32(1e-3), np.float32(0.5)
+
+    bad = kernels.adagrad_elementwise(param, grad, acc, new_param, new_acc, np.float32(rate), reg, clip_sq)
+
+    g = grad.astype(np.float64) + float(reg) * param
+    total = acc.astype(np.float64) + float(clip_sq) * g * g
+    expected = param - rate * g / (np.sqrt(total) + kernels.ADAGRAD_EPSILON)
+    assert bad == 0
+    np.testing.assert_allclose(new_acc, total, rtol=1e-6)
+    np.testing.assert_allclose(new_param, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adagrad_elementwise_empty_accumulator_steps_by_inverse_epsilon():
+    param = np.zeros(3, dtype=np.float32)
+    grad = np.array([0.0, 1e-12, -1e-12], dtype=np.float32)
+    new_param, new_acc = np.empty_like(param), np.empty_like(param)
+
+    bad = kernels.adagrad_elementwise(param, grad, np.zeros(3, dtype=np.float32), new_param, new_acc,
+                                      np.float32(1.0), np.float32(0.0), np.float32(1.0))
+
+    assert bad == 0
+    np.testing.assert_allclose(new_param, -grad / np.float32(kernels.ADAGRAD_EPSILON), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, 2e6])
+def test_sgd_elementwise_counts_out_of_bounds(bad_value):
+    param = np.array([0.0, bad_value, 1.0], dtype=np.float32)
+    new_param = np.empty_like(param)
+
+    bad = kernels.sgd_elementwise(param, np.zeros(3, dtype=np.float32), new_param, np.float32(0.1), np.float32(0.0))
+
+    assert bad == 1

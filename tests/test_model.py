@@ -598,3 +598,55 @@ def test_model_absurd_learning_rate_keeps_states_finite(learning_rate):
     assert np.isfinite(states.start_hidden).all()
     if learning_rate >= 1e15:
         assert result.count(kernels.STATUS_NON_FINITE) > 0
+
+
+# Sampled evaluation.
+
+
+def _ranked(result):
+    return result.rank != kernels.RANK_NOT_EVALUATED
+
+
+def test_in_evaluation_sample_every_one_ranks_all():
+    assert all(kernels.in_evaluation_sample(0, offset, 1) for offset in range(100))
+
+
+def test_in_evaluation_sample_zero_ranks_none():
+    assert not any(kernels.in_evaluation_sample(0, offset, 0) for offset in range(100))
+
+
+@pytest.mark.parametrize("every", [2, 10, 100])
+def test_in_evaluation_sample_rate_is_about_one_in_m(every):
+    events = 200_000
+    chosen = sum(kernels.in_evaluation_sample(offset % 4, offset, every) for offset in range(events))
+    expected = events / every
+
+    # Binomial standard deviation is below sqrt(expected); allow 5 of them.
+    assert abs(chosen - expected) < 5 * math.sqrt(expected)
+
+
+def test_model_train_batch_sampled_ranks_only_sampled_events():
+    model = RecurrentBPR(SMALL)
+    slots, items, partitions, offsets = _events(3, n_events=400)
+    expected = np.array([kernels.in_evaluation_sample(int(p), int(o), 7) for p, o in zip(partitions, offsets)])
+
+    result = model.train_batch(UserStateBatch.empty(N_USERS, 4, 3), slots, items, partitions, offsets, sample_every=7)
+
+    np.testing.assert_array_equal(_ranked(result), expected)
+
+
+def test_model_train_batch_sampled_trains_every_event():
+    slots, items, partitions, offsets = _events(3, n_events=400)
+    full, sampled = RecurrentBPR(SMALL), RecurrentBPR(SMALL)
+
+    full.train_batch(UserStateBatch.empty(N_USERS, 4, 3), slots, items, partitions, offsets)
+    sampled.train_batch(UserStateBatch.empty(N_USERS, 4, 3), slots, items, partitions, offsets, sample_every=7)
+
+    _assert_same_params(full, sampled)
+
+
+def test_model_train_batch_rejects_sample_every_zero():
+    model = RecurrentBPR(SMALL)
+
+    with pytest.raises(ConfigError, match="sample_every"):
+        model.train_batch(UserStateBatch.empty(N_USERS, 4, 3), *_events(3, n_events=4), sample_every=0)

@@ -26,11 +26,12 @@ H = 3
 K = 4
 
 finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+float16_range = st.floats(-state_codec.FLOAT16_MAX, state_codec.FLOAT16_MAX, width=32)
 
 
 @st.composite
-def state_batches(draw, max_size: int = 6) -> UserStateBatch:
-    """Draw a valid UserStateBatch with random S, h and K."""
+def state_batches(draw, max_size: int = 6, floats: st.SearchStrategy = finite_float32) -> UserStateBatch:
+    """Draw a valid UserStateBatch with random S, h and K, hidden states drawn from ``floats``."""
     size = draw(st.integers(0, max_size))
     hidden_size = draw(st.integers(1, 12))
     window = draw(st.integers(1, 6))
@@ -40,8 +41,8 @@ def state_batches(draw, max_size: int = 6) -> UserStateBatch:
     valid_entries = np.arange(window) < window_len[:, None]
 
     return UserStateBatch(
-        hidden=draw(hnp.arrays(np.float32, (size, hidden_size), elements=finite_float32)),
-        start_hidden=draw(hnp.arrays(np.float32, (size, hidden_size), elements=finite_float32)),
+        hidden=draw(hnp.arrays(np.float32, (size, hidden_size), elements=floats)),
+        start_hidden=draw(hnp.arrays(np.float32, (size, hidden_size), elements=floats)),
         window=np.where(valid_entries, items, NO_ITEM).astype(np.int32),
         window_len=window_len,
         count=draw(hnp.arrays(np.int64, size, elements=st.integers(0, 2**63 - 1))),
@@ -293,9 +294,9 @@ def test_state_codec_decode_many_is_vectorised(monkeypatch: pytest.MonkeyPatch) 
     calls = []
     real_record_problems = state_codec._record_problems
 
-    def counting_record_problems(records, hidden_size, window):
+    def counting_record_problems(records, *args):
         calls.append(records.size)
-        return real_record_problems(records, hidden_size, window)
+        return real_record_problems(records, *args)
 
     monkeypatch.setattr(state_codec, "_record_problems", counting_record_problems)
     decoded, corrupt = decode_states(blobs, 16, 4)
@@ -307,3 +308,174 @@ def test_state_codec_decode_many_is_vectorised(monkeypatch: pytest.MonkeyPatch) 
     assert np.array_equal(decoded.window[keep], batch.window[keep])
     assert np.array_equal(decoded.count[keep], batch.count[keep])
     assert decoded.count[[10, 11, 12]].tolist() == [0, 0, 0]
+
+
+def rounded_to_float16(batch: UserStateBatch) -> UserStateBatch:
+    """Return a copy of ``batch`` whose hidden states are rounded to float16 and widened back to float32."""
+    rounded = UserStateBatch(*(column.copy() for column in batch.as_tuple()))
+    rounded.hidden[:] = batch.hidden.astype(np.float16)
+    rounded.start_hidden[:] = batch.start_hidden.astype(np.float16)
+    return rounded
+
+
+@given(batch=state_batches(floats=float16_range))
+def test_state_codec_float16_round_trip(batch: UserStateBatch) -> None:
+    hidden_size, window = batch.hidden.shape[1], batch.window.shape[1]
+
+    blobs = encode_states(batch, state_dtype="float16")
+    decoded, corrupt = decode_states(blobs, hidden_size, window)
+
+    assert all(len(blob) == state_size_bytes(hidden_size, window, "float16") for blob in blobs)
+    assert not corrupt.any()
+    assert_batches_equal(decoded, rounded_to_float16(batch))
+
+
+@given(batch=state_batches(floats=float16_range))
+def test_state_codec_float16_within_tolerance(batch: UserStateBatch) -> None:
+    hidden_size, window = batch.hidden.shape[1], batch.window.shape[1]
+
+    decoded, _corrupt = decode_states(encode_states(batch, state_dtype="float16"), hidden_size, window)
+
+    for name in ("hidden", "start_hidden"):
+        original = getattr(batch, name).astype(np.float64)
+        error = np.abs(getattr(decoded, name).astype(np.float64) - original)
+        # Round to nearest float16: half a unit in the last place, 2**-11 relative
+        # for normal values and 2**-25 absolute for subnormal ones.
+        bound = np.maximum(np.abs(original) * 2.0**-11, 2.0**-25)
+        assert (error <= bound).all(), name
+
+
+def test_state_codec_float16_error_in_unit_interval() -> None:
+    rng = np.random.default_rng(3)
+    batch = sample_batch(1000)
+    batch.hidden = rng.uniform(0.0, 1.0, (1000, H)).astype(np.float32)
+    batch.start_hidden = rng.uniform(0.0, 1.0, (1000, H)).astype(np.float32)
+
+    decoded, _corrupt = decode_states(encode_states(batch, state_dtype="float16"), H, K)
+
+    assert np.abs(decoded.hidden - batch.hidden).max() <= 2.0**-12
+    assert np.abs(decoded.start_hidden - batch.start_hidden).max() <= 2.0**-12
+
+
+def test_state_size_bytes_float16_values() -> None:
+    assert state_size_bytes(1, 1, "float16") == 38
+    assert state_size_bytes(64, 4, "float16") == 30 + 256 + 16
+    assert state_size_bytes(64, 4, "float32") == state_size_bytes(64, 4)
+
+
+@pytest.mark.parametrize("state_dtype", ["float64", "f2", None])
+def test_state_codec_invalid_state_dtype(state_dtype) -> None:
+    with pytest.raises(StateFormatError, match="state_dtype"):
+        state_size_bytes(H, K, state_dtype)
+    with pytest.raises(StateFormatError, match="state_dtype"):
+        encode_states(sample_batch(1), state_dtype=state_dtype)
+
+
+def test_state_codec_float16_header_layout() -> None:
+    batch = sample_batch(1)
+
+    blob = encode_states(batch, state_dtype="float16")[0]
+
+    assert len(blob) == 30 + 4 * H + 4 * K
+    assert HEADER.unpack_from(blob) == (b"DS", STATE_FORMAT_VERSION, 1, H, K, 2, 9, 1, 41)
+    assert np.array_equal(np.frombuffer(blob, "<f2", H, 30), batch.hidden[0].astype(np.float16))
+    assert np.array_equal(np.frombuffer(blob, "<f2", H, 30 + 2 * H), batch.start_hidden[0].astype(np.float16))
+    assert np.array_equal(np.frombuffer(blob, "<i4", K, 30 + 4 * H), batch.window[0])
+
+
+def test_state_codec_mixed_dtypes_decode_in_one_call() -> None:
+    batch = sample_batch(4)
+    batch.count[:] = [10, 11, 12, 13]
+    wide = encode_states(batch, state_dtype="float32")
+    narrow = encode_states(batch, state_dtype="float16")
+
+    decoded, corrupt = decode_states([narrow[0], wide[1], None, narrow[3], wide[2]], H, K)
+
+    assert corrupt.tolist() == [False] * 5
+    assert decoded.count.tolist() == [10, 11, 0, 13, 12]
+    assert np.array_equal(decoded.hidden[[0, 3]], rounded_to_float16(batch).hidden[[0, 3]])
+    assert np.array_equal(decoded.hidden[[1, 4]], batch.hidden[[1, 2]])
+    assert decoded.hidden.dtype == np.float32
+    assert_new_user_row(decoded, 2)
+
+
+def test_state_codec_mixed_dtypes_vectorised_per_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = sample_batch(10)
+    blobs = encode_states(batch, np.arange(6)) + encode_states(batch, np.arange(6, 10), state_dtype="float16")
+    calls = []
+    real_record_problems = state_codec._record_problems
+
+    def counting_record_problems(records, *args):
+        calls.append((records.size, records.dtype["hidden"].base))
+        return real_record_problems(records, *args)
+
+    monkeypatch.setattr(state_codec, "_record_problems", counting_record_problems)
+    _decoded, corrupt = decode_states(blobs[::-1], H, K)
+
+    assert sorted(calls, key=lambda call: call[0]) == [(4, np.dtype("<f2")), (6, np.dtype("<f4"))]
+    assert not corrupt.any()
+
+
+def test_state_codec_float16_overflow_raises() -> None:
+    batch = sample_batch(3)
+    batch.start_hidden[2, 1] = -70000.0
+
+    with pytest.raises(StateFormatError, match=r"start_hidden of batch rows \[2\]"):
+        encode_states(batch, state_dtype="float16")
+
+
+def test_state_codec_float16_maximum_is_kept() -> None:
+    batch = sample_batch(1)
+    batch.hidden[0, 0] = state_codec.FLOAT16_MAX
+
+    decoded, corrupt = decode_states(encode_states(batch, state_dtype="float16"), H, K)
+
+    assert not corrupt[0]
+    assert decoded.hidden[0, 0] == state_codec.FLOAT16_MAX
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_state_codec_float16_nonfinite_is_corrupt(value: float) -> None:
+    batch = sample_batch(2)
+    batch.hidden[1, 0] = value
+
+    decoded, corrupt = decode_states(encode_states(batch, state_dtype="float16"), H, K)
+
+    assert corrupt.tolist() == [False, True]
+    assert_new_user_row(decoded, 1)
+
+
+FLOAT16_CORRUPTIONS = {
+    "float32 dtype code": (_patch(3, "B", 0), "dtype code is not 1"),
+    "unknown dtype code": (_patch(3, "B", 7), "dtype code is not 1"),
+    "hidden size": (_patch(4, "<H", H + 1), "h is not"),
+    "NaN start_hidden": (_patch(30 + 2 * H, "<e", float("nan")), "start_hidden contains"),
+    "negative valid item": (_patch(30 + 4 * H, "<i", -5), "item is negative"),
+    "truncated": (lambda blob: bytes(blob[:-1]), "length"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOAT16_CORRUPTIONS))
+def test_state_codec_float16_corruption_detected(kind: str) -> None:
+    mutate, reason = FLOAT16_CORRUPTIONS[kind]
+    valid, target = encode_states(sample_batch(2), state_dtype="float16")
+    corrupted = mutate(bytearray(target))
+
+    decoded, corrupt = decode_states([valid, corrupted, None], H, K)
+
+    assert corrupt.tolist() == [False, True, False]
+    assert_new_user_row(decoded, 1)
+    assert reason in state_blob_problem(corrupted, H, K)
+
+
+def test_state_blob_problem_names_both_lengths() -> None:
+    blob = encode_states(sample_batch(1))[0] + b"\0"
+
+    problem = state_blob_problem(blob, H, K)
+
+    assert f"{state_size_bytes(H, K)} (float32)" in problem
+    assert f"{state_size_bytes(H, K, 'float16')} (float16)" in problem
+
+
+def test_state_blob_problem_valid_float16_blob() -> None:
+    assert state_blob_problem(encode_states(sample_batch(1), state_dtype="float16")[0], H, K) is None

@@ -13,7 +13,8 @@ import redis
 from drnn_core.errors import ConfigError
 from drnn_core.state import UserStateBatch
 from streamer.embedded import start_redis
-from streamer.store import RedisStore, StoreArgumentError, StoreError
+from streamer.state_codec import StateFormatError, state_size_bytes
+from streamer.store import COMMIT_OK, RedisStore, StoreArgumentError, StoreError
 
 H = 4
 K = 3
@@ -377,3 +378,64 @@ def test_store_error_on_wrong_type(redis_client, key_prefix) -> None:
         store.load_offsets("events")
 
     assert isinstance(raised.value.__cause__, redis.exceptions.ResponseError)
+
+
+def test_store_float16_save_load_round_trip(redis_client, key_prefix) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix, hidden_size=H, window=K, state_dtype="float16")
+    batch = sample_batch(3)
+
+    store.save_states(["a", "b", "c"], batch, topic="events", offsets={0: 3})
+    loaded, corrupt_ids = store.load_states(["c", "a", "b"])
+
+    assert corrupt_ids == []
+    assert len(redis_client.get(store.user_key("a"))) == state_size_bytes(H, K, "float16")
+    expected = UserStateBatch(*(column[[2, 0, 1]].copy() for column in batch.as_tuple()))
+    expected.hidden[:] = expected.hidden.astype(np.float16)
+    expected.start_hidden[:] = expected.start_hidden.astype(np.float16)
+    assert_same_states(loaded, expected)
+
+
+def test_store_float16_commit_batch_round_trip(redis_client, key_prefix) -> None:
+    store = RedisStore(redis_client, prefix=key_prefix, hidden_size=H, window=K, state_dtype="float16")
+    epoch = store.ensure_epoch()
+    batch = sample_batch(2)
+
+    result = store.commit_batch(["a", "b"], batch, topic="t", epoch=epoch, expected_offsets={0: None}, offsets={0: 5})
+    loaded, corrupt_ids = store.load_states(["a", "b"])
+
+    assert result.status == COMMIT_OK
+    assert corrupt_ids == []
+    assert len(redis_client.get(store.user_key("b"))) == state_size_bytes(H, K, "float16")
+    assert np.array_equal(loaded.hidden, batch.hidden.astype(np.float16).astype(np.float32))
+    assert np.array_equal(loaded.count, batch.count)
+
+
+@pytest.mark.parametrize("first_dtype, second_dtype", [("float32", "float16"), ("float16", "float32")])
+def test_store_state_dtype_switch(redis_client, key_prefix, first_dtype, second_dtype) -> None:
+    first = RedisStore(redis_client, prefix=key_prefix, hidden_size=H, window=K, state_dtype=first_dtype)
+    second = RedisStore(redis_client, prefix=key_prefix, hidden_size=H, window=K, state_dtype=second_dtype)
+    epoch = first.ensure_epoch()
+    batch = sample_batch(1)
+    batch.count[:] = 7
+    first.commit_batch(["u"], batch, topic="t", epoch=epoch, expected_offsets={0: None}, offsets={0: 7})
+    stored_blob = redis_client.get(first.user_key("u"))
+
+    loaded, corrupt_ids = second.load_states(["u"])
+    stale = UserStateBatch(*(column.copy() for column in loaded.as_tuple()))
+    stale.count[:] = 6
+    skipped = second.commit_batch(["u"], stale, topic="t", epoch=epoch, expected_offsets={0: 7}, offsets={0: 8})
+    newer = UserStateBatch(*(column.copy() for column in loaded.as_tuple()))
+    newer.count[:] = 8
+    written = second.commit_batch(["u"], newer, topic="t", epoch=epoch, expected_offsets={0: 8}, offsets={0: 9})
+
+    assert corrupt_ids == []
+    assert loaded.count.tolist() == [7]
+    assert skipped.stale_states == 1
+    assert written.stale_states == 0
+    assert len(stored_blob) == state_size_bytes(H, K, first_dtype)
+    assert len(redis_client.get(second.user_key("u"))) == state_size_bytes(H, K, second_dtype)
+
+
+def test_store_invalid_state_dtype(redis_client) -> None:
+    with pytest.raises(StateFormatError, match="state_dtype"):
+        RedisStore(redis_client, prefix="p", hidden_size=H, window=K, state_dtype="float64")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import signal
 import subprocess
 import time
@@ -12,8 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamer.app import build_worker
-from streamer.datasets import Interaction, Message, synthetic_interactions
+from streamer.datasets import Message, synthetic_interactions
 from streamer.events import InvalidReason, encode_event
+from streamer.state_codec import state_size_bytes
 from streamer.store import RedisStore
 from tests.helpers import (
     produce, read_all, to_messages, user_counts, worker_command, worker_environment, worker_settings,
@@ -217,3 +217,25 @@ def test_worker_sigterm_finishes_and_checkpoints(broker, redis_client, settings_
 
     assert returncode == 0
     assert list((tmp_path / "checkpoints").glob("model-*.npz"))
+
+
+def test_worker_state_dtype_switch(broker, redis_client, settings_factory):
+    settings = settings_factory(partitions=2, state_dtype="float16")
+    interactions = synthetic_interactions(users=30, items=40, events=1200, seed=11)
+    first, second = interactions[:600], interactions[600:]
+    produce(broker, settings.topic, to_messages(first))
+    run_until_consumed(settings, len(first))
+    store = RedisStore(redis_client, prefix=settings.key_prefix, hidden_size=settings.hidden_size, window=settings.window)
+    first_keys = [store.user_key(user) for user in user_counts(first)]
+    first_lengths = {len(blob) for blob in redis_client.mget(first_keys)}
+
+    produce(broker, settings.topic, to_messages(second))
+    registry = CollectorRegistry()
+    run_until_consumed(dataclasses.replace(settings, state_dtype="float32"), len(second), registry)
+    second_keys = [store.user_key(user) for user in user_counts(second)]
+    second_lengths = {len(blob) for blob in redis_client.mget(second_keys)}
+
+    assert first_lengths == {state_size_bytes(settings.hidden_size, settings.window, "float16")}
+    assert second_lengths == {state_size_bytes(settings.hidden_size, settings.window, "float32")}
+    assert stored_counts(redis_client, settings) == user_counts(interactions)
+    assert (registry.get_sample_value("drnn_corrupt_states_total") or 0.0) == 0.0
