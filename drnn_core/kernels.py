@@ -270,6 +270,20 @@ def merge_duplicate_rows(items, length, grad_x):
                 break
 
 
+@njit(types.int64(_I64_1D, types.int64, types.int64), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
+def count_equal(values, length, target):
+    """Return how many of ``values[:length]`` equal ``target``.
+
+    The loop has no early exit, so LLVM compares several values per
+    instruction; a search for the first match then runs only when there is one.
+    """
+    matches = 0
+    for k in range(length):
+        if values[k] == target:
+            matches += 1
+    return matches
+
+
 @njit(types.void(_I64_1D, types.int64, _F32_2D, _F32_1D), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias):
     """Add the V and bias gradient of every repeated negative into the row of its first draw.
@@ -279,6 +293,8 @@ def merge_duplicate_negatives(negatives, n_negatives, grad_v, grad_bias):
     set to REPEATED_NEGATIVE in ``negatives``, so later loops skip it in O(1).
     """
     for n in range(1, n_negatives):
+        if count_equal(negatives, n, negatives[n]) == 0:
+            continue
         for first in range(n):
             if negatives[first] == negatives[n]:
                 grad_v[first + 1, :] += grad_v[n + 1, :]
@@ -304,7 +320,7 @@ def merge_tied_rows(items, length, positive, negatives, n_negatives, grad_x, gra
         row = items[k]
         if row == positive:
             x_target[k] = 0
-        else:
+        elif count_equal(negatives, n_negatives, row) > 0:
             for n in range(n_negatives):
                 if negatives[n] == row:
                     x_target[k] = n + 1
