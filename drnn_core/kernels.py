@@ -44,14 +44,15 @@ REPEATED_NEGATIVE = -1
 NEGATIVES_SUM = 0
 NEGATIVES_HARDEST = 1
 
-# Added to the square root of an Adagrad accumulator before dividing by it.
+# Added to the square root of a row or bias Adagrad accumulator before dividing
+# by it; the element-wise U and W step uses its square as a floor instead.
 ADAGRAD_EPSILON = 1e-8
 
 # LLVM may reorder float32 sums (so dot products and norms use SIMD lanes) and
-# fuse multiply-adds, but must keep NaN and infinity semantics: the divergence
-# checks rely on math.isfinite. Every kernel also uses NumPy's error model, so a
-# division by zero gives inf or NaN (which those checks catch) instead of a
-# per-element ZeroDivisionError test that stops vectorisation.
+# fuse multiply-adds, but must keep NaN and infinity semantics, because the
+# divergence checks compare against them. Every kernel also uses NumPy's error
+# model, so a division by zero gives inf or NaN (which those checks catch)
+# instead of a per-element ZeroDivisionError test that stops vectorisation.
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 _F32_1D = types.Array(types.float32, 1, "C")
@@ -275,7 +276,8 @@ def count_equal(values, length, target):
     """Return how many of ``values[:length]`` equal ``target``.
 
     The loop has no early exit, so LLVM compares several values per
-    instruction; a search for the first match then runs only when there is one.
+    instruction. Callers search for the first match only when this count is
+    positive.
     """
     matches = 0
     for k in range(length):
