@@ -23,10 +23,13 @@ from drnn_core.errors import ConfigError, DrnnError
 from streamer.events import DecodeLimits, InvalidEventError, decode_event, encode_event
 
 __all__ = [
+    "BASKET_FORMATS",
+    "Basket",
     "FORMATS",
     "DatasetError",
     "Interaction",
     "Message",
+    "read_baskets",
     "read_interactions",
     "read_messages",
     "synthetic_interactions",
@@ -35,6 +38,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMATS = ("movielens", "tafeng", "sessions", "jsonl")
+# Formats read as basket events by ``read_baskets``; the Kafka replay does not take them.
+BASKET_FORMATS = ("tafeng-baskets",)
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_ID_LENGTH = DecodeLimits().max_id_length
@@ -80,6 +85,24 @@ class Interaction:
     user_id: str
     item_id: str
     ts: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Basket:
+    """The items one user bought together, read from a basket dataset.
+
+    Attributes
+    ----------
+    user_id : str
+    ts : float
+        Unix seconds of the basket's day (midnight UTC for Ta-Feng).
+    item_ids : tuple of str
+        The distinct items, in the file order of their first row; never empty.
+    """
+
+    user_id: str
+    ts: float
+    item_ids: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,6 +201,36 @@ def read_messages(path: str | os.PathLike, fmt: str) -> list[Message]:
         key, value = encode_event(interaction.user_id, interaction.item_id, interaction.ts)
         messages.append(Message(key, value))
     return messages
+
+
+def read_baskets(path: str | os.PathLike, fmt: str = "tafeng-baskets") -> list[Basket]:
+    """Read a dataset file as basket events, sorted by date.
+
+    For "tafeng-baskets", all rows of one CUSTOMER_ID on one TRANSACTION_DT
+    form one basket of the distinct PRODUCT_IDs of those rows, in file order.
+    Baskets are sorted by date, and baskets of the same date keep the file
+    order of their first row. The rows are read and checked as
+    ``read_interactions(path, "tafeng")`` does.
+
+    Raises
+    ------
+    DatasetError
+        If ``fmt`` is not a basket format, or as ``read_interactions``.
+    """
+    if fmt not in BASKET_FORMATS:
+        raise DatasetError(f"Unknown basket format {fmt!r}: expected one of {', '.join(BASKET_FORMATS)}")
+
+    interactions = read_interactions(path, "tafeng")
+    items_by_key: dict[tuple[str, float], dict[str, None]] = {}
+    for interaction in interactions:
+        key = (interaction.user_id, interaction.ts)
+        items_by_key.setdefault(key, {})[interaction.item_id] = None
+
+    # read_interactions sorted the rows stably by date, so the dict keeps each
+    # date's baskets in the file order of their first row.
+    baskets = [Basket(user_id, ts, tuple(items)) for (user_id, ts), items in items_by_key.items()]
+    logger.info("Grouped %d interactions from %s into %d baskets", len(interactions), path, len(baskets))
+    return baskets
 
 
 def synthetic_interactions(

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from drnn_core.errors import ConfigError
 from streamer.datasets import (
     FORMATS,
+    Basket,
     DatasetError,
     Interaction,
     Message,
+    read_baskets,
     read_interactions,
     read_messages,
     synthetic_interactions,
@@ -477,3 +479,81 @@ def test_synthetic_interactions_last_item_beats_popularity():
 def test_synthetic_interactions_rejects_invalid_sizes(argument, value):
     with pytest.raises(ConfigError, match=argument):
         synthetic_interactions(**{argument: value})
+
+
+def _basket_tuples(baskets):
+    return [(b.user_id, b.ts, b.item_ids) for b in baskets]
+
+
+def test_read_baskets_groups_customer_day(tmp_path):
+    rows = [
+        _tafeng_row("11/2/2000", "A", "p1"),
+        _tafeng_row("11/1/2000", "B", "p2"),
+        _tafeng_row("11/2/2000", "C", "p3"),
+        _tafeng_row("11/1/2000", "A", "p4"),
+        _tafeng_row("11/2/2000", "A", "p5"),
+        _tafeng_row("11/1/2000", "B", "p2"),
+        _tafeng_row("11/1/2000", "A", "p1"),
+    ]
+    path = _write(tmp_path / "tafeng.csv", TAFENG_HEADER + "\n" + "\n".join(rows) + "\n", compress=True)
+    nov1, nov2 = 973036800.0, 973123200.0
+
+    baskets = read_baskets(path, "tafeng-baskets")
+
+    assert _basket_tuples(baskets) == [
+        ("B", nov1, ("p2",)),
+        ("A", nov1, ("p4", "p1")),
+        ("A", nov2, ("p1", "p5")),
+        ("C", nov2, ("p3",)),
+    ]
+
+
+def test_read_baskets_drops_repeated_product(tmp_path):
+    rows = [_tafeng_row("1/5/2001", "A", "p1")] * 3
+    path = _write(tmp_path / "tafeng.csv", TAFENG_HEADER + "\n" + "\n".join(rows) + "\n")
+
+    assert read_baskets(path) == [Basket("A", 978652800.0, ("p1",))]
+
+
+def test_read_baskets_empty_file_has_no_baskets(tmp_path):
+    path = _write(tmp_path / "tafeng.csv", TAFENG_HEADER + "\n")
+
+    assert read_baskets(path) == []
+
+
+def test_read_baskets_rejects_item_format(tmp_path):
+    path = _write(tmp_path / "tafeng.csv", TAFENG_HEADER + "\n")
+
+    with pytest.raises(DatasetError, match="tafeng-baskets"):
+        read_baskets(path, "tafeng")
+
+
+def test_read_baskets_malformed_row_names_line(tmp_path):
+    text = TAFENG_HEADER + "\n" + _tafeng_row("11/1/2000", "A", "p1") + "\n" + _tafeng_row("13/1/2000", "A", "p2")
+    path = _write(tmp_path / "tafeng.csv", text + "\n")
+
+    with pytest.raises(DatasetError, match=":3:"):
+        read_baskets(path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 3), st.sampled_from("ABC"), st.sampled_from(["p1", "p2", "p3", "p4"])),
+        max_size=30,
+    )
+)
+def test_read_baskets_partitions_rows(tmp_path_factory, rows):
+    lines = [_tafeng_row(f"11/{day}/2000", customer, product) for day, customer, product in rows]
+    path = tmp_path_factory.mktemp("baskets") / "tafeng.csv"
+    _write(path, TAFENG_HEADER + "\n" + "".join(line + "\n" for line in lines))
+
+    baskets = read_baskets(path)
+    expected_pairs = {(customer, day, product) for day, customer, product in rows}
+    found_pairs = {(b.user_id, round((b.ts - 972950400.0) / 86400), item) for b in baskets for item in b.item_ids}
+    keys = [(b.user_id, b.ts) for b in baskets]
+
+    assert found_pairs == expected_pairs
+    assert len(keys) == len(set(keys))
+    assert [b.ts for b in baskets] == sorted(b.ts for b in baskets)
+    assert all(len(b.item_ids) == len(set(b.item_ids)) > 0 for b in baskets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import sys
@@ -15,13 +16,16 @@ from hypothesis import strategies as st
 
 from drnn_core import prequential
 from drnn_core.errors import ConfigError
-from drnn_core.kernels import RANK_UNKNOWN_ITEM
-from streamer.datasets import Interaction, synthetic_interactions
+from drnn_core.kernels import RANK_NOT_EVALUATED, RANK_UNKNOWN_ITEM
+from streamer.datasets import Basket, Interaction, read_baskets, synthetic_interactions
 from streamer.evaluate import (
     EvaluationError,
     add_evaluate_command,
+    encode_baskets,
     encode_stream,
+    replay_basket_model,
     replay_model,
+    run_basket_evaluation,
     run_evaluation,
 )
 from streamer.report import ReportError, add_report_command, require_matplotlib
@@ -367,3 +371,136 @@ def test_evaluate_settings_cover_model_config():
     config_fields = {field.name for field in dataclasses.fields(Settings().model_config())} - {"initial_items"}
 
     assert config_fields <= set(MODEL_SETTINGS)
+
+
+
+# Basket mode.
+
+TAFENG_HEADER = (
+    '"TRANSACTION_DT","CUSTOMER_ID","AGE_GROUP","PIN_CODE","PRODUCT_SUBCLASS",'
+    '"PRODUCT_ID","AMOUNT","ASSET","SALES_PRICE"'
+)
+
+
+def _basket_rows(seed: int, users: int = 12, days: int = 20, items: int = 30) -> list[str]:
+    """Return Ta-Feng rows where each user buys 1 to 4 items on some days, with a taste per user."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(days):
+        date = datetime.date(2001, 1, 1) + datetime.timedelta(days=day)
+        for user in range(users):
+            if rng.random() < 0.5:
+                continue
+            taste = [(user * 3 + k) % items for k in range(5)]
+            for item in rng.choice(taste, size=rng.integers(1, 5), replace=True):
+                rows.append(f'"{date.month}/{date.day}/{date.year}","c{user:03d}","45-49","115","1","p{item}","1","1","1"')
+    return rows
+
+
+@pytest.fixture
+def baskets_file(tmp_path):
+    path = tmp_path / "tafeng.csv"
+    path.write_text(TAFENG_HEADER + "\n" + "\n".join(_basket_rows(8)) + "\n")
+    return path
+
+
+def test_encode_baskets_offsets_and_first_appearance():
+    baskets = [Basket("b", 1.0, ("y", "x")), Basket("a", 1.0, ("x",)), Basket("b", 2.0, ("z", "y"))]
+
+    stream = encode_baskets(baskets)
+
+    assert stream.users.tolist() == [0, 1, 0]
+    assert stream.offsets.tolist() == [0, 2, 3, 5]
+    assert stream.items.tolist() == [0, 1, 1, 2, 0]
+    assert (stream.user_count, stream.item_count, stream.events) == (2, 3, 3)
+
+
+def test_replay_basket_model_ranks_users_with_history():
+    baskets = [Basket(f"u{e % 4}", float(e), (f"i{e % 5}", f"i{(e + 2) % 7}")) for e in range(40)]
+    stream = encode_baskets(baskets)
+
+    run = replay_basket_model(stream, _settings(), "mean")
+
+    first_baskets = [0, 1, 2, 3]
+    assert np.all(run.ranks[first_baskets] == RANK_NOT_EVALUATED)
+    assert np.all(run.ranks[4:] >= 0)
+    assert run.evaluated_ranks.shape[0] == 36
+
+
+def test_replay_basket_model_batch_size_invariant():
+    baskets = [Basket(f"u{e % 5}", float(e), (f"i{e % 6}", f"i{(e * 7) % 11}")) for e in range(80)]
+    stream = encode_baskets(baskets)
+
+    small = replay_basket_model(stream, _settings(batch_size=9), "max")
+    large = replay_basket_model(stream, _settings(batch_size=1000), "max")
+
+    assert small.ranks.tolist() == large.ranks.tolist()
+    assert np.array_equal(small.model.V, large.model.V)
+
+
+def test_run_basket_evaluation_rejects_single_baskets():
+    stream = encode_baskets([Basket("a", 1.0, ("x",)), Basket("b", 1.0, ("x",))])
+
+    with pytest.raises(EvaluationError, match="no user has two"):
+        run_basket_evaluation(stream, _settings(), dataset="tiny.csv")
+
+
+def test_evaluate_command_basket_mode_table(baskets_file, capsys):
+    status = _run(["evaluate", "--dataset", str(baskets_file), "--format", "tafeng-baskets", "--no-progress",
+                   "--hidden-size", "8", "--window", "3"])
+
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("system"))
+    rows = [line.split() for line in lines[header + 1 : header + 4]]
+    assert status == 0
+    assert "mode: basket" in out
+    assert "basket_pooling=mean" in out
+    assert [row[0] for row in rows] == list(SYSTEM_NAMES)
+    assert all(len(row) == 10 for row in rows)
+
+
+def test_evaluate_command_basket_mode_json(baskets_file, tmp_path):
+    summary_path = tmp_path / "summary.json"
+
+    _run(["evaluate", "--dataset", str(baskets_file), "--format", "tafeng-baskets", "--no-progress",
+          "--hidden-size", "8", "--basket-pooling", "max", "--json", str(summary_path)])
+
+    summary = json.loads(summary_path.read_text())
+    systems = {system["name"]: system for system in summary["systems"]}
+    assert summary["mode"] == "basket"
+    assert summary["evaluated_events"] == summary["events"] - summary["users"]
+    assert systems["model"]["settings"]["basket_pooling"] == "max"
+    for name in SYSTEM_NAMES:
+        assert systems[name]["events"] == summary["evaluated_events"], name
+        assert SYSTEM_KEYS <= systems[name].keys(), name
+    assert summary["curves"]["event"][-1] == summary["evaluated_events"]
+
+
+def test_run_basket_evaluation_learns_user_tastes(tmp_path):
+    path = tmp_path / "tafeng.csv"
+    path.write_text(TAFENG_HEADER + "\n" + "\n".join(_basket_rows(9, users=12, days=150)) + "\n")
+    stream = encode_baskets(read_baskets(path))
+
+    result = run_basket_evaluation(stream, _settings(), dataset=str(path))
+
+    model = prequential.summarize(result.system("model").evaluated_ranks)
+    pop = prequential.summarize(result.system("pop").evaluated_ranks)
+    markov = prequential.summarize(result.system("markov1").evaluated_ranks)
+    assert markov["hr_at_10_second_half"] > pop["hr_at_10_second_half"]
+    assert model["mrr_at_10_second_half"] > pop["mrr_at_10_second_half"]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_replay_basket_model_singletons_match_item_mode(pooling):
+    interactions = synthetic_interactions(users=20, items=40, events=1500, seed=2)
+    one_item_baskets = [Basket(i.user_id, i.ts, (i.item_id,)) for i in interactions]
+
+    item_run = replay_model(encode_stream(interactions), _settings())
+    basket_run = replay_basket_model(encode_baskets(one_item_baskets), _settings(), pooling)
+
+    # The two updates add the same terms in different orders, so the weights differ by float32 rounding.
+    ranked = basket_run.ranks != RANK_NOT_EVALUATED
+    assert int(np.count_nonzero(~ranked)) == 20
+    assert basket_run.ranks[ranked].tolist() == item_run.ranks[ranked].tolist()
+    np.testing.assert_allclose(basket_run.model.V, item_run.model.V, atol=1e-4)
