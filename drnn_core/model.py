@@ -223,13 +223,18 @@ class RecurrentBPR:
             states.as_tuple(),
             events,
             self.stats.as_tuple(),
-            self._hyper(sample_every if evaluate else 0),
+            self.kernel_hyper(sample_every if evaluate else 0),
             self.rng_state,
             (result.status, result.loss, result.rank),
         )
         return result
 
-    def _hyper(self, sample_every: int) -> tuple:
+    def kernel_hyper(self, sample_every: int) -> tuple:
+        """Return the ``hyper`` tuple of ``kernels.train_batch`` for this model's settings.
+
+        ``sample_every`` is the evaluation sample interval: 0 ranks nothing, 1
+        every event, M about one event in M.
+        """
         config = self.config
         kind = POPULARITY if config.sampler == "popularity" else UNIFORM
         return (
