@@ -1,5 +1,5 @@
 # Entry points: `make demo` runs the embedded demo, `make test` the whole suite.
-# Both create .venv and install the project with its embedded, serve, plot and test extras first.
+# Both create .venv and install the project with its embedded, serve, plot, test and bench extras first.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -39,8 +39,8 @@ def flop_per_event(config: ModelConfig) -> int:
       and the K X rows: 4 (2 h^2 + (R + K) h);
     - the U and W step: SGD 4 per element; Adagrad 10 per element (gradient,
       accumulator, square root, epsilon, division, step): 2 h^2 times that;
-    - the row steps of the R V rows and the K X rows: 8 h each (mean square and
-      step);
+    - the row steps of the R V rows and the K X rows: 4 h each (the row's mean
+      square comes from the norm pass);
     - advancing the state: the window is run again with the new weights, so
       that the stored hidden state matches them: 4 K h^2.
 
@@ -56,7 +56,7 @@ def flop_per_event(config: ModelConfig) -> int:
     backward = k * (8 * h * h + 3 * h)
     norm = 4 * (2 * h * h + (rows + k) * h)
     recurrent_step = per_element * 2 * h * h
-    row_steps = 8 * h * (rows + k)
+    row_steps = 4 * h * (rows + k)
     advance = 4 * k * h * h
     return forward + scores + terms + backward + norm + recurrent_step + row_steps + advance
 

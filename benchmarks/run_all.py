@@ -1,6 +1,6 @@
 """Run every performance benchmark of drnn-stream and print its figures; --json FILE also writes them as one object.
 
-Usage: python benchmarks/run_all.py [--dataset PATH] [--format F] [--json FILE] [--skip SECTION ...] [--profile]
+Usage: python benchmarks/run_all.py --dataset PATH [--format F] [--json FILE] [--skip SECTION ...] [--profile]
 
 Sections, in order (each can be skipped with --skip):
 
@@ -16,8 +16,9 @@ Sections, in order (each can be skipped with --skip):
 - startup: process start to first trained event, Numba cache cold and warm;
 - deps: the effect of crc32c, hiredis and orjson.
 
-The dataset (MovieLens 100K by default) feeds the pipeline, memory, startup
-and deps sections; the kernel and ranking sections use synthetic streams.
+The dataset given by --dataset (for example MovieLens 100K's u.data) feeds the
+pipeline, memory, startup and deps sections and --profile. The kernel and
+ranking sections use synthetic streams, so they run without --dataset.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from pathlib import Path
 import bench_kernel
 import bench_memory
 import bench_pipeline
+from streamer.datasets import FORMATS
 
-DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k" / "u.data"
 SECTIONS = ("kernel", "pipeline", "ranking", "memory", "startup", "deps")
+DATASET_SECTIONS = ("pipeline", "memory", "startup", "deps")
 STAGES = ("poll", "decode", "dead_letter", "state_load", "compute", "state_store", "commit", "unaccounted")
 
 
@@ -147,7 +149,7 @@ def print_deps(figures: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the sections not skipped, print each as it ends, and return every figure."""
-    results: dict = {"machine": machine(), "dataset": str(args.dataset)}
+    results: dict = {"machine": machine(), "dataset": str(args.dataset) if args.dataset else None}
     print(f"machine: {results['machine']}")
     started = time.perf_counter()
     if "kernel" not in args.skip:
@@ -185,10 +187,52 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def dataset_error(args: argparse.Namespace) -> str | None:
+    """Return why the requested sections cannot run on --dataset, or None when they can."""
+    sections = [section for section in DATASET_SECTIONS if section not in args.skip]
+    if not sections and not args.profile:
+        return None
+    if args.dataset is None:
+        problem = "no --dataset given"
+    elif not args.dataset.exists():
+        problem = f"dataset {args.dataset} not found"
+    elif not args.dataset.is_file():
+        problem = f"dataset {args.dataset} is not a file"
+    else:
+        return None
+
+    readers = []
+    fixes = []
+    if args.profile:
+        readers.append("--profile")
+        fixes.append("drop --profile")
+    if sections:
+        noun = "section" if len(sections) == 1 else "sections"
+        readers.append(f"the {noun} {_join_words(sections)}")
+        fixes.append(f"skip {'it' if len(sections) == 1 else 'them'} with --skip {' '.join(sections)}")
+    verb = "needs" if len(sections) + args.profile == 1 else "need"
+    subject = " and ".join(readers)
+    return (
+        f"{problem}. {subject[0].upper()}{subject[1:]} {verb} a dataset file. "
+        f"Pass --dataset PATH/TO/ml-100k/u.data, or {' and '.join(fixes)}."
+    )
+
+
+def _join_words(words: list[str]) -> str:
+    """Join words as "a", "a and b" or "a, b and c"."""
+    if len(words) == 1:
+        return words[0]
+    return f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="Interaction file. Default: %(default)s")
-    parser.add_argument("--format", default="movielens", help="Format of --dataset. Default: %(default)s")
+    parser.add_argument(
+        "--dataset", type=Path, metavar="PATH",
+        help=f"Interaction file, for example ml-100k/u.data. --profile and the sections "
+             f"{_join_words(list(DATASET_SECTIONS))} read it.",
+    )
+    parser.add_argument("--format", default="movielens", choices=FORMATS, help="Format of --dataset. Default: %(default)s")
     parser.add_argument("--json", type=Path, metavar="FILE", help="Also write every figure to FILE as one JSON object.")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, metavar="SECTION",
                         help=f"Sections not to run: {', '.join(SECTIONS)}.")
@@ -197,13 +241,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
-    needs_dataset = {"pipeline", "memory", "startup", "deps"} - set(args.skip)
-    if (needs_dataset or args.profile) and not args.dataset.is_file():
-        print(
-            f"error: dataset {args.dataset} not found; sections {', '.join(sorted(needs_dataset))} need it. "
-            f"Pass --dataset PATH/TO/u.data, or skip them with --skip {' '.join(sorted(needs_dataset))}",
-            file=sys.stderr,
-        )
+    error = dataset_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     results = run(args)

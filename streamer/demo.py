@@ -29,11 +29,19 @@ logger = logging.getLogger(__name__)
 
 DEMO_PARTITIONS = 4
 DEMO_SESSION_TIMEOUT_MS = 6000
+NO_EVENT_RANKED = "n/a (no event ranked)"
 
 
 @dataclasses.dataclass
 class DemoSummary:
-    """Summary of a demo run, printed and written by --summary-json."""
+    """Summary of a demo run, printed and written by --summary-json.
+
+    ``evaluated`` counts the events ranked for HR@10 and MRR@10. The worker
+    ranks every event, or about one in ``evaluation_sample_every`` (M of
+    --evaluation-sample-every), and ranks none when the evaluation is off, where
+    ``evaluation_sample_every`` is 0. With ``evaluated`` 0, ``hr_at_10`` and
+    ``mrr_at_10`` are 0 in the JSON and "n/a (no event ranked)" in the text.
+    """
 
     dataset: str
     events_read: int
@@ -42,6 +50,8 @@ class DemoSummary:
     invalid: int
     users: int
     items: int
+    evaluated: int
+    evaluation_sample_every: int
     hr_at_10: float
     mrr_at_10: float
     events_per_second: float
@@ -49,9 +59,15 @@ class DemoSummary:
 
     def as_text(self) -> str:
         """Format the summary as aligned lines for the terminal."""
-        rows = dataclasses.asdict(self)
+        rows = {name: _format(value) for name, value in dataclasses.asdict(self).items()}
+        if self.evaluated == 0:
+            rows["hr_at_10"] = rows["mrr_at_10"] = NO_EVENT_RANKED
         width = max(len(name) for name in rows)
-        return "\n".join(f"{name:<{width}}  {_format(value)}" for name, value in rows.items())
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows.items())
+
+    def as_json(self) -> str:
+        """Format the summary as one indented JSON object, every field numeric except ``dataset``."""
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
 def _demo_metrics_address(address: str) -> str:
@@ -154,6 +170,8 @@ def run_demo(
             invalid=totals.invalid,
             users=len(counts),
             items=worker.store.item_count(),
+            evaluated=totals.evaluated,
+            evaluation_sample_every=settings.evaluation_sample_every if settings.evaluate else 0,
             hr_at_10=totals.hr_at_10,
             mrr_at_10=totals.mrr_at_10,
             events_per_second=rate,
@@ -161,7 +179,7 @@ def run_demo(
         )
 
     if summary_json:
-        Path(summary_json).write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+        Path(summary_json).write_text(summary.as_json())
         logger.info("Wrote the summary to %s", summary_json)
     return summary
 

@@ -381,9 +381,17 @@ def warm_up_basket_kernels(settings: Settings, pooling: str) -> None:
 
 
 def run_basket_evaluation(
-    stream: EncodedBaskets, settings: Settings, *, dataset: str, pooling: str = "mean", progress: bool = False
+    stream: EncodedBaskets,
+    settings: Settings,
+    *,
+    dataset: str,
+    pooling: str = "mean",
+    limit: int | None = None,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Replay a basket stream through the model, basket Pop and basket Markov-1, one after the other.
+
+    ``limit`` is the --limit that cut the stream short, or None. The error names it.
 
     Raises
     ------
@@ -393,10 +401,7 @@ def run_basket_evaluation(
     basket.pooling_code(pooling)
     first_baskets = len(np.unique(stream.users))
     if stream.events - first_baskets == 0:
-        raise EvaluationError(
-            f"{dataset} has {stream.events} baskets and no user has two, so basket mode ranks nothing. "
-            "Check the file, or drop --limit."
-        )
+        raise EvaluationError(_no_history_message(dataset, stream.events, limit))
     logger.info(
         "Evaluating %s in basket mode: %d baskets (%d of users with history), %d users, %d items",
         dataset, stream.events, stream.events - first_baskets, stream.user_count, stream.item_count,
@@ -421,6 +426,17 @@ def warm_up_kernels(settings: Settings) -> None:
     replay_model(tiny, dataclasses.replace(settings, hidden_size=2, window=1, batch_size=3))
     replay_pop(tiny)
     replay_markov1(tiny)
+
+
+def _no_history_message(dataset: str, baskets: int, limit: int | None) -> str:
+    """Explain that no user has two baskets, naming the --limit when it cut the stream."""
+    counted = "1 basket" if baskets == 1 else f"{baskets} baskets"
+    if limit is not None:
+        return (
+            f"The first {counted} of {dataset} (--limit {limit}) include no user with two baskets, "
+            "so basket mode ranks nothing. Raise --limit or drop it."
+        )
+    return f"{dataset} has {counted} and no user has two, so basket mode ranks nothing. Check the file."
 
 
 def run_evaluation(
@@ -544,8 +560,11 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> argparse.Argum
         help="Replay only the first N events (baskets in basket mode) in timestamp order.",
     )
     parser.add_argument(
-        "--basket-pooling", dest="basket_pooling", choices=basket.POOLINGS, default="mean",
-        help="Basket mode: pool a basket's item embeddings by their mean or per-dimension maximum (default mean).",
+        "--basket-pooling", dest="basket_pooling", choices=basket.POOLINGS, default=None,
+        help=(
+            f"Basket mode only (--format {' or '.join(BASKET_FORMATS)}): pool a basket's item embeddings "
+            "by their mean or per-dimension maximum (default mean)."
+        ),
     )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="Also write the results and curves as JSON to FILE.")
     parser.add_argument(
@@ -564,6 +583,11 @@ def run_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.plot_path:
         report.require_matplotlib()
+    if args.basket_pooling is not None and args.fmt not in BASKET_FORMATS:
+        raise EvaluationError(
+            f"--basket-pooling applies only to basket mode (--format {' or '.join(BASKET_FORMATS)}), "
+            f"not to --format {args.fmt}. Drop --basket-pooling or use a basket format."
+        )
     if args.fmt in BASKET_FORMATS:
         result = _evaluate_baskets(settings, args)
     else:
@@ -587,12 +611,16 @@ def run_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 def _evaluate_baskets(settings: Settings, args: argparse.Namespace) -> EvaluationResult:
     baskets = read_baskets(args.dataset, args.fmt)
-    if args.limit is not None:
+    limit = None
+    if args.limit is not None and len(baskets) > args.limit:
         baskets = baskets[: args.limit]
+        limit = args.limit
     if not baskets:
         raise EvaluationError(f"{args.dataset} has no baskets, so there is nothing to evaluate. Check the file.")
     stream = encode_baskets(baskets)
     del baskets
+
+    pooling = args.basket_pooling or "mean"
     return run_basket_evaluation(
-        stream, settings, dataset=args.dataset, pooling=args.basket_pooling, progress=args.progress
+        stream, settings, dataset=args.dataset, pooling=pooling, limit=limit, progress=args.progress
     )

@@ -75,12 +75,12 @@ class Totals:
 
     @property
     def hr_at_10(self) -> float:
-        """HR@10 over the evaluated events (0 before any)."""
+        """HR@10 over the evaluated events (0 while none is ranked, as with the evaluation off)."""
         return self.hits_at_10 / self.evaluated if self.evaluated else 0.0
 
     @property
     def mrr_at_10(self) -> float:
-        """MRR@10 over the evaluated events (0 before any)."""
+        """MRR@10 over the evaluated events (0 while none is ranked, as with the evaluation off)."""
         return self.reciprocal_rank_at_10 / self.evaluated if self.evaluated else 0.0
 
 
@@ -640,8 +640,9 @@ class Worker:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         logger.info(
-            "Worker stopped: consumed=%d trained=%d skipped=%d invalid=%d HR@10=%.4f",
-            self.totals.consumed, self.totals.trained, self.totals.skipped, self.totals.invalid, self.totals.hr_at_10,
+            "Worker stopped: consumed=%d trained=%d skipped=%d invalid=%d evaluated=%d HR@10=%.4f",
+            self.totals.consumed, self.totals.trained, self.totals.skipped, self.totals.invalid,
+            self.totals.evaluated, self.totals.hr_at_10,
         )
 
     @contextmanager

@@ -445,6 +445,38 @@ def test_run_basket_evaluation_rejects_single_baskets():
         run_basket_evaluation(stream, _settings(), dataset="tiny.csv")
 
 
+def test_run_basket_evaluation_names_limit():
+    stream = encode_baskets([Basket("a", 1.0, ("x",))])
+
+    with pytest.raises(EvaluationError, match="--limit 1") as error:
+        run_basket_evaluation(stream, _settings(), dataset="tiny.csv", limit=1)
+
+    assert "The first 1 basket of tiny.csv" in str(error.value)
+
+
+def test_evaluate_command_limit_without_history(baskets_file):
+    with pytest.raises(EvaluationError, match="--limit 1"):
+        _run(["evaluate", "--dataset", str(baskets_file), "--format", "tafeng-baskets", "--no-progress", "--limit", "1"])
+
+
+def test_evaluate_command_rejects_pooling_without_baskets(sessions_file):
+    with pytest.raises(EvaluationError, match="--basket-pooling") as error:
+        _run(["evaluate", "--dataset", str(sessions_file), "--format", "sessions", "--no-progress",
+              "--basket-pooling", "max"])
+
+    assert "--format tafeng-baskets" in str(error.value)
+
+
+def test_evaluate_command_pooling_default_mean(baskets_file, tmp_path):
+    summary_path = tmp_path / "summary.json"
+
+    _run(["evaluate", "--dataset", str(baskets_file), "--format", "tafeng-baskets", "--no-progress",
+          "--hidden-size", "8", "--json", str(summary_path)])
+
+    systems = {system["name"]: system for system in json.loads(summary_path.read_text())["systems"]}
+    assert systems["model"]["settings"]["basket_pooling"] == "mean"
+
+
 def test_evaluate_command_basket_mode_table(baskets_file, capsys):
     status = _run(["evaluate", "--dataset", str(baskets_file), "--format", "tafeng-baskets", "--no-progress",
                    "--hidden-size", "8", "--window", "3"])

@@ -355,6 +355,7 @@ def test_dashboard_panels_fit_grid_width():
         ("BPR loss", "drnn_bpr_loss_batch_mean"),
         ("Prequential HR@10 and MRR@10", "drnn_prequential_hits_at_10_total"),
         ("Prequential HR@10 and MRR@10", "drnn_prequential_reciprocal_rank_at_10_total"),
+        ("Prequential HR@10 and MRR@10", "drnn_prequential_sample_every"),
         ("Skipped, invalid and dead-letter rate", "drnn_events_invalid_total"),
         ("Known users and items", "drnn_known_users"),
         ("Checkpoint age", "drnn_checkpoint_age_seconds"),
