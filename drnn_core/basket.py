@@ -48,12 +48,13 @@ from drnn_core.kernels import (
     sgd_elementwise,
     sigmoid,
 )
+from drnn_core.config import BASKET_POOLINGS
 from drnn_core.errors import ConfigError
 from drnn_core.sampling import SAMPLER_TYPE, record_item, sample_negative
 
 POOLING_MEAN = 0
 POOLING_MAX = 1
-POOLINGS = ("mean", "max")
+POOLINGS = BASKET_POOLINGS
 
 NO_ROW = -1
 

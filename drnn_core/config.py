@@ -8,6 +8,8 @@ import math
 from drnn_core.errors import ConfigError
 
 SAMPLERS = ("uniform", "popularity")
+# Pooling of a basket's item embeddings into the input of a basket step.
+BASKET_POOLINGS = ("mean", "max")
 NEGATIVE_MODES = ("sum", "hardest")
 OPTIMIZERS = ("sgd", "adagrad")
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from drnn_core import basket, kernels, prequential
-from drnn_core.basket_baselines import BasketMarkov1Ranker, BasketPopRanker
+from drnn_core import kernels, prequential
 from drnn_core.baselines import Markov1Ranker, PopRanker
-from drnn_core.config import ModelConfig
+from drnn_core.config import BASKET_POOLINGS, ModelConfig
 from drnn_core.errors import DrnnError
 from drnn_core.model import RecurrentBPR
 from drnn_core.state import UserStateBatch
@@ -320,6 +319,19 @@ def _replay_baseline(name: str, stream: EncodedStream, rank_chunk, progress: boo
     return SystemRun(name, {}, ranks, seconds)
 
 
+def _basket_kernels():
+    """Import and return ``drnn_core.basket``.
+
+    Its Numba kernels compile or load from the cache when the module is
+    imported, which takes seconds. Importing it here, on first use, keeps that
+    cost out of every other command (the worker among them), which imports this
+    module for its parser.
+    """
+    from drnn_core import basket
+
+    return basket
+
+
 def replay_basket_model(
     stream: EncodedBaskets, settings: Settings, pooling: str, *, progress: bool = False
 ) -> SystemRun:
@@ -329,6 +341,7 @@ def replay_basket_model(
     state and then trained on. A user's first basket only starts the state
     (see ``basket.train_baskets``).
     """
+    basket = _basket_kernels()
     model = RecurrentBPR(settings.model_config())
     states = basket.BasketStates.empty(stream.user_count, settings.hidden_size, settings.window)
     outputs = (
@@ -353,6 +366,8 @@ def replay_basket_model(
 
 def replay_basket_baseline(name: str, stream: EncodedBaskets, *, progress: bool = False) -> SystemRun:
     """Replay a basket stream through the basket Pop ("pop") or Markov-1 ("markov1") baseline."""
+    from drnn_core.basket_baselines import BasketMarkov1Ranker, BasketPopRanker
+
     ranker_class = {"pop": BasketPopRanker, "markov1": BasketMarkov1Ranker}[name]
     ranks = np.empty(stream.events, dtype=np.int64)
     with _progress_bar(stream.events, name, progress) as bar:
@@ -398,7 +413,7 @@ def run_basket_evaluation(
     EvaluationError
         If no basket belongs to a user with an earlier basket, so nothing can be ranked.
     """
-    basket.pooling_code(pooling)
+    _basket_kernels().pooling_code(pooling)
     first_baskets = len(np.unique(stream.users))
     if stream.events - first_baskets == 0:
         raise EvaluationError(_no_history_message(dataset, stream.events, limit))
@@ -560,7 +575,7 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> argparse.Argum
         help="Replay only the first N events (baskets in basket mode) in timestamp order.",
     )
     parser.add_argument(
-        "--basket-pooling", dest="basket_pooling", choices=basket.POOLINGS, default=None,
+        "--basket-pooling", dest="basket_pooling", choices=BASKET_POOLINGS, default=None,
         help=(
             f"Basket mode only (--format {' or '.join(BASKET_FORMATS)}): pool a basket's item embeddings "
             "by their mean or per-dimension maximum (default mean)."
