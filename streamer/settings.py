@@ -290,6 +290,9 @@ def load_settings(
 ) -> Settings:
     """Build Settings from the environment, then CLI flags, then keyword overrides.
 
+    A value given by a flag or an override is used without reading its
+    environment variable, so an invalid variable does not block a valid flag.
+
     Raises
     ------
     ConfigError
@@ -298,12 +301,15 @@ def load_settings(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for field in dataclasses.fields(Settings):
+        if field.name in overrides:
+            continue
+
         env_name = ENV_PREFIX + field.name.upper()
-        if env_name in environ:
-            values[field.name] = _parse_value(field, environ[env_name], env_name)
         flag_value = getattr(args, field.name, None) if args is not None else None
         if flag_value is not None:
             source = "--" + field.name.replace("_", "-")
             values[field.name] = flag_value if isinstance(flag_value, bool) else _parse_value(field, flag_value, source)
+        elif env_name in environ:
+            values[field.name] = _parse_value(field, environ[env_name], env_name)
     values.update(overrides)
     return Settings(**values)

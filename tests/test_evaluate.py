@@ -536,3 +536,4 @@ def test_replay_basket_model_singletons_match_item_mode(pooling):
     assert int(np.count_nonzero(~ranked)) == 20
     assert basket_run.ranks[ranked].tolist() == item_run.ranks[ranked].tolist()
     np.testing.assert_allclose(basket_run.model.V, item_run.model.V, atol=1e-4)
+
