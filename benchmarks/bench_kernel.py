@@ -1,8 +1,8 @@
 """Kernel benchmarks: the training kernel's floating-point rate against NumPy, and the cost of prequential ranking.
 
-Each function returns a dict of figures; ``run_all.py`` prints them. Rates are
+Each function returns a dict of figures, which ``run_all.py`` prints. Rates are
 measured in process CPU time (``time.process_time``), so that other jobs on a
-shared machine slow a run less than they would in wall time; the kernel and
+shared machine slow a run less than they would in wall time. The kernel and
 NumPy (limited to one BLAS thread with threadpoolctl) each use one core.
 """
 
@@ -170,7 +170,7 @@ def ranking_cost(
 ) -> list[dict]:
     """Return the kernel's events per CPU second with prequential ranking, for each catalogue size and sample.
 
-    For each size n, one model first sees every item once (so that ranking
+    For each size n, one model first trains on every item once (so that ranking
     covers n known items, and the kernel is compiled), then runs the same
     number of events in each mode: training alone (``sample_every`` 0), full
     ranking of every event (1), and about one event in M ranked (M). The

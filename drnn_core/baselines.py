@@ -134,7 +134,7 @@ def _markov1_rank(item_count, count_at_least, pool_item, pool_count, start, leng
 
 
 @njit(types.void(_I64_1D, _I64_1D, _I32_1D, _I64_1D, _I64_1D, types.int64, types.int64), nogil=True, cache=True)
-def _move_list(list_start, list_capacity, pool_item, pool_count, pool_meta, owner, length):
+def move_successor_list(list_start, list_capacity, pool_item, pool_count, pool_meta, owner, length):
     """Move the full successor list of ``owner`` to the end of the pool with twice the capacity."""
     capacity = max(INITIAL_LIST_CAPACITY, 2 * length)
     old_start = list_start[owner]
@@ -216,7 +216,7 @@ def markov1_ranks(users, items, begin, state, ranks):
             pool_count[position] += 1
         else:
             if length == list_capacity[previous]:
-                _move_list(list_start, list_capacity, pool_item, pool_count, pool_meta, previous, length)
+                move_successor_list(list_start, list_capacity, pool_item, pool_count, pool_meta, previous, length)
             slot = list_start[previous] + length
             pool_item[slot] = item
             pool_count[slot] = 1

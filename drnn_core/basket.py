@@ -11,7 +11,7 @@ where pool is the mean or the per-dimension maximum of the basket's X rows and
 h(t-1) is the state after the user's previous basket. The gradient flows back
 through the last K baskets of the user (truncated BPTT) and through the
 pooling: mean pooling gives each of the n basket entries 1 / n of the pooled
-gradient, max pooling routes each dimension to the entry that holds the
+gradient, max pooling routes each dimension to the entry with the
 maximum (the first one on ties). Baskets are stored as a CSR pair: the items
 of basket e are ``basket_items[basket_offsets[e]:basket_offsets[e + 1]]``.
 """
@@ -37,15 +37,15 @@ from drnn_core.kernels import (
     STATUS_NO_NEGATIVE,
     STATUS_NON_FINITE,
     STATUS_TRAINED,
-    _bounded,
-    _step_factor,
-    adagrad_elementwise,
+    bias_candidate,
     bpr_margin_loss,
+    commit_recurrent,
     dot,
     item_score,
+    recurrent_candidates,
+    recurrent_square_sum,
     regularised_square_sum,
     row_step,
-    sgd_elementwise,
     sigmoid,
 )
 from drnn_core.config import BASKET_POOLINGS
@@ -382,8 +382,7 @@ def basket_update(params, accumulators, rows, grads, step_hyper, scratch):
         if item_bias != 0 and is_scored[r] != 0:
             g = grad_bias[r] + reg32 * bias[row]
             sq += g * g
-    sq += regularised_square_sum(grad_u_w[:size].reshape(-1), U.reshape(-1), reg32)
-    sq += regularised_square_sum(grad_u_w[size:].reshape(-1), W.reshape(-1), reg32)
+    sq += recurrent_square_sum(grad_u_w, U, W, reg32)
     norm = math.sqrt(sq)
     if not math.isfinite(norm):
         return False
@@ -404,27 +403,12 @@ def basket_update(params, accumulators, rows, grads, step_hyper, scratch):
             new_acc_v[r] = acc_v[row] + new_acc_v[r] * row_scale
             bad += row_step(V[row], grad_v[r], new_acc_v[r], rate, reg32, clip32, optimizer, new_v[r])
         if item_bias != 0 and is_scored[r] != 0:
-            g = grad_bias[r] + reg32 * bias[row]
-            new_acc_bias[r] = acc_bias[row] + clip32 * clip32 * g * g
-            factor = np.float32(_step_factor(learning_rate, new_acc_bias[r], optimizer, clip))
-            new_bias[r] = bias[row] - factor * g
-            if not _bounded(new_bias[r]):
-                bad += 1
+            bad += bias_candidate(bias, acc_bias, grad_bias, new_bias, new_acc_bias, row, r, learning_rate, reg32,
+                                  clip, optimizer)
 
     recurrent_rate = np.float32(learning_rate * recurrent_scale * clip)
-    clip_sq = np.float32(clip * clip)
-    u_entries = size * size
-    flat_grad = grad_u_w.reshape(-1)
-    flat_new = new_u_w.reshape(-1)
-    flat_acc = new_acc_u_w.reshape(-1)
-    if optimizer == OPTIMIZER_ADAGRAD:
-        bad += adagrad_elementwise(U.reshape(-1), flat_grad[:u_entries], acc_u.reshape(-1), flat_new[:u_entries],
-                                   flat_acc[:u_entries], recurrent_rate, reg32, clip_sq)
-        bad += adagrad_elementwise(W.reshape(-1), flat_grad[u_entries:], acc_w.reshape(-1), flat_new[u_entries:],
-                                   flat_acc[u_entries:], recurrent_rate, reg32, clip_sq)
-    else:
-        bad += sgd_elementwise(U.reshape(-1), flat_grad[:u_entries], flat_new[:u_entries], recurrent_rate, reg32)
-        bad += sgd_elementwise(W.reshape(-1), flat_grad[u_entries:], flat_new[u_entries:], recurrent_rate, reg32)
+    bad += recurrent_candidates(U, W, acc_u, acc_w, grad_u_w, new_u_w, new_acc_u_w, recurrent_rate, reg32,
+                                clip32 * clip32, optimizer)
     if bad > 0:
         return False
 
@@ -443,11 +427,7 @@ def basket_update(params, accumulators, rows, grads, step_hyper, scratch):
             bias[row] = new_bias[r]
             if adagrad:
                 acc_bias[row] = new_acc_bias[r]
-    U[:, :] = new_u_w[:size, :]
-    W[:, :] = new_u_w[size:, :]
-    if adagrad:
-        acc_u[:, :] = new_acc_u_w[:size, :]
-        acc_w[:, :] = new_acc_u_w[size:, :]
+    commit_recurrent(U, W, acc_u, acc_w, new_u_w, new_acc_u_w, adagrad)
     return True
 
 

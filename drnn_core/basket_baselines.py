@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 from numba import njit, types
 
-from drnn_core.baselines import INITIAL_LIST_CAPACITY, count_item
+from drnn_core.baselines import INITIAL_LIST_CAPACITY, count_item, move_successor_list
 from drnn_core.kernels import RANK_NOT_EVALUATED, RANK_UNKNOWN_ITEM
 
 NO_BASKET = -1
@@ -98,20 +98,6 @@ def _markov1_best_rank(item_count, count_at_least, transitions, touched, n_touch
         if item_count[touched[k]] >= count:
             rank -= 1
     return rank
-
-
-@njit(types.void(_I64_1D, _I64_1D, _I32_1D, _I64_1D, _I64_1D, types.int64, types.int64), nogil=True, cache=True)
-def _move_list(list_start, list_capacity, pool_item, pool_count, pool_meta, owner, length):
-    """Move the full successor list of ``owner`` to the end of the pool with twice the capacity."""
-    capacity = max(INITIAL_LIST_CAPACITY, 2 * length)
-    old_start = list_start[owner]
-    new_start = pool_meta[POOL_USED]
-    for k in range(length):
-        pool_item[new_start + k] = pool_item[old_start + k]
-        pool_count[new_start + k] = pool_count[old_start + k]
-    list_start[owner] = new_start
-    list_capacity[owner] = capacity
-    pool_meta[POOL_USED] = new_start + capacity
 
 
 @njit(types.int64(BASKETS_TYPE, types.int64, types.int64, MARKOV_STATE_TYPE, _I64_1D), nogil=True, cache=True)
@@ -216,7 +202,7 @@ def basket_markov1_ranks(baskets, begin, end, state, ranks):
                     continue
                 length = list_length[p]
                 if length == list_capacity[p]:
-                    _move_list(list_start, list_capacity, pool_item, pool_count, pool_meta, p, length)
+                    move_successor_list(list_start, list_capacity, pool_item, pool_count, pool_meta, p, length)
                 slot = list_start[p] + length
                 pool_item[slot] = item
                 pool_count[slot] = 1

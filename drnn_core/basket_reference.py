@@ -38,7 +38,7 @@ def pool_backward(X, basket, pooling, pooled_grad):
     """Return dL/dX from dL/d(pooled input) for one basket, as a dense (n, h) array.
 
     Mean pooling gives each basket entry ``pooled_grad / len(basket)``. Max
-    pooling gives each dimension's gradient to the first entry that holds the
+    pooling gives each dimension's gradient to the first entry with the
     maximum.
     """
     basket = np.asarray(basket, dtype=np.int64)

@@ -45,7 +45,7 @@ NEGATIVES_SUM = 0
 NEGATIVES_HARDEST = 1
 
 # Added to the square root of a row or bias Adagrad accumulator before dividing
-# by it; the element-wise U and W step uses its square as a floor instead.
+# by it. The element-wise U and W step uses its square as a floor instead.
 ADAGRAD_EPSILON = 1e-8
 
 # LLVM may reorder float32 sums (so dot products and norms use SIMD lanes) and
@@ -420,7 +420,7 @@ def adagrad_elementwise(param, grad, acc, new_param, new_acc, rate, reg, clip_sq
 
 @njit(types.int64(_F32_1D, _F32_1D, _F32_1D, types.float32, types.float32), nogil=True, cache=True, fastmath=FAST, error_model="numpy")
 def sgd_elementwise(param, grad, new_param, rate, reg):
-    """Write ``new_param = param - rate * (grad + reg * param)``; ``new_param`` must not alias the inputs.
+    """Write ``new_param = param - rate * (grad + reg * param)``, where ``new_param`` must not alias the inputs.
 
     Parameters
     ----------
@@ -471,6 +471,115 @@ def row_step(param, grad, new_acc, rate, reg, clip, optimizer, new_param):
     """
     factor = np.float32(_step_factor(rate, new_acc, optimizer, clip))
     return sgd_elementwise(param, grad, new_param, factor, reg)
+
+
+@njit(types.float32(_F32_2D, _F32_2D, _F32_2D, types.float32), nogil=True, cache=True, fastmath=FAST,
+      error_model="numpy")
+def recurrent_square_sum(grad_u_w, U, W, reg):
+    """Return the summed squares of the regularised U and W gradients.
+
+    Parameters
+    ----------
+    grad_u_w : ndarray, shape (2 h, h), float32
+        dL/dU in rows [0, h), dL/dW in rows [h, 2 h).
+    U, W : ndarray, shape (h, h), float32
+    reg : float32
+        ``2 * l2``.
+    """
+    size = U.shape[0]
+    return (regularised_square_sum(grad_u_w[:size].reshape(-1), U.reshape(-1), reg)
+            + regularised_square_sum(grad_u_w[size:].reshape(-1), W.reshape(-1), reg))
+
+
+@njit(
+    types.int64(_F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_2D, types.float32, types.float32,
+                types.float32, types.int64),
+    nogil=True, cache=True, fastmath=FAST, error_model="numpy",
+)
+def recurrent_candidates(U, W, acc_u, acc_w, grad_u_w, new_u_w, new_acc_u_w, rate, reg, clip_sq, optimizer):
+    """Write the SGD or element-wise Adagrad step of U and W into ``new_u_w`` and ``new_acc_u_w``.
+
+    U and W have one accumulator per element, so the step is split by
+    optimizer to keep the SGD step free of the h * h square roots. Nothing in
+    U, W or their accumulators changes; ``commit_recurrent`` copies the
+    candidates in.
+
+    Parameters
+    ----------
+    U, W, acc_u, acc_w : ndarray, shape (h, h), float32
+    grad_u_w, new_u_w, new_acc_u_w : ndarray, shape (2 h, h), float32
+        Rows [0, h) belong to U and rows [h, 2 h) to W.
+    rate : float32
+        Learning rate of U and W, clip factor included.
+    reg, clip_sq : float32
+        ``2 * l2`` and the square of the clip factor.
+    optimizer : int
+        OPTIMIZER_SGD or OPTIMIZER_ADAGRAD.
+
+    Returns
+    -------
+    int
+        How many new values are NaN, infinite or above MAX_ABS_PARAMETER in magnitude.
+    """
+    entries = U.shape[0] * U.shape[0]
+    flat_grad = grad_u_w.reshape(-1)
+    flat_new = new_u_w.reshape(-1)
+    flat_acc = new_acc_u_w.reshape(-1)
+    if optimizer == OPTIMIZER_ADAGRAD:
+        return (
+            adagrad_elementwise(U.reshape(-1), flat_grad[:entries], acc_u.reshape(-1), flat_new[:entries],
+                                flat_acc[:entries], rate, reg, clip_sq)
+            + adagrad_elementwise(W.reshape(-1), flat_grad[entries:], acc_w.reshape(-1), flat_new[entries:],
+                                  flat_acc[entries:], rate, reg, clip_sq)
+        )
+    return (sgd_elementwise(U.reshape(-1), flat_grad[:entries], flat_new[:entries], rate, reg)
+            + sgd_elementwise(W.reshape(-1), flat_grad[entries:], flat_new[entries:], rate, reg))
+
+
+@njit(types.void(_F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_2D, _F32_2D, types.boolean), nogil=True, cache=True)
+def commit_recurrent(U, W, acc_u, acc_w, new_u_w, new_acc_u_w, adagrad):
+    """Copy the candidates of ``recurrent_candidates`` into U and W, and their accumulators with Adagrad."""
+    size = U.shape[0]
+    U[:, :] = new_u_w[:size, :]
+    W[:, :] = new_u_w[size:, :]
+    if adagrad:
+        acc_u[:, :] = new_acc_u_w[:size, :]
+        acc_w[:, :] = new_acc_u_w[size:, :]
+
+
+@njit(
+    types.int64(_F32_1D, _F32_1D, _F32_1D, _F32_1D, _F32_1D, types.int64, types.int64, types.float64,
+                types.float32, types.float64, types.int64),
+    nogil=True, cache=True, fastmath=FAST, error_model="numpy",
+)
+def bias_candidate(bias, acc_bias, grad_bias, new_bias, new_acc_bias, row, slot, learning_rate, reg, clip, optimizer):
+    """Write the SGD or Adagrad step of ``bias[row]`` into slot ``slot`` of ``new_bias`` and ``new_acc_bias``.
+
+    Parameters
+    ----------
+    bias, acc_bias : ndarray, shape (n,), float32
+        The item biases and their Adagrad sums, left unchanged.
+    grad_bias, new_bias, new_acc_bias : ndarray, shape (>= slot + 1,), float32
+        The gradient in, and the candidate value and sum out, at ``slot``.
+    row, slot : int
+    learning_rate : float
+    reg : float32
+        ``2 * l2``.
+    clip : float
+        The clip factor.
+    optimizer : int
+
+    Returns
+    -------
+    int
+        1 if the new value is NaN, infinite or above MAX_ABS_PARAMETER in magnitude, else 0.
+    """
+    clip32 = np.float32(clip)
+    g = grad_bias[slot] + reg * bias[row]
+    new_acc_bias[slot] = acc_bias[row] + clip32 * clip32 * g * g
+    factor = np.float32(_step_factor(learning_rate, new_acc_bias[slot], optimizer, clip))
+    new_bias[slot] = bias[row] - factor * g
+    return 0 if _bounded(new_bias[slot]) else 1
 
 
 @njit(
@@ -546,8 +655,7 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
         if not is_repeat(items, length, k) and x_target[k] < 0:
             new_acc_x[k] = regularised_square_sum(grad_x[k], X[items[k]], reg32)
             sq += new_acc_x[k]
-    sq += regularised_square_sum(grad_u_w[:size].reshape(-1), U.reshape(-1), reg32)
-    sq += regularised_square_sum(grad_u_w[size:].reshape(-1), W.reshape(-1), reg32)
+    sq += recurrent_square_sum(grad_u_w, U, W, reg32)
     for n in range(n_negatives + 1):
         if n > 0 and is_repeat_negative(negatives, n - 1):
             continue
@@ -575,22 +683,9 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
         new_acc_x[k] = acc_x[row] + new_acc_x[k] * row_scale
         bad += row_step(X[row], grad_x[k], new_acc_x[k], rate, reg32, clip32, optimizer, new_x[k])
 
-    # U and W have one accumulator per element, so their step is split by
-    # optimizer to keep the SGD step free of the h * h square roots.
     recurrent_rate = np.float32(learning_rate * recurrent_scale * clip)
-    clip_sq = np.float32(clip * clip)
-    u_rows = size * size
-    flat_grad = grad_u_w.reshape(-1)
-    flat_new = new_u_w.reshape(-1)
-    flat_acc = new_acc_u_w.reshape(-1)
-    if optimizer == OPTIMIZER_ADAGRAD:
-        bad += adagrad_elementwise(U.reshape(-1), flat_grad[:u_rows], acc_u.reshape(-1), flat_new[:u_rows],
-                                   flat_acc[:u_rows], recurrent_rate, reg32, clip_sq)
-        bad += adagrad_elementwise(W.reshape(-1), flat_grad[u_rows:], acc_w.reshape(-1), flat_new[u_rows:],
-                                   flat_acc[u_rows:], recurrent_rate, reg32, clip_sq)
-    else:
-        bad += sgd_elementwise(U.reshape(-1), flat_grad[:u_rows], flat_new[:u_rows], recurrent_rate, reg32)
-        bad += sgd_elementwise(W.reshape(-1), flat_grad[u_rows:], flat_new[u_rows:], recurrent_rate, reg32)
+    bad += recurrent_candidates(U, W, acc_u, acc_w, grad_u_w, new_u_w, new_acc_u_w, recurrent_rate, reg32,
+                                clip32 * clip32, optimizer)
 
     for n in range(n_negatives + 1):
         if n > 0 and is_repeat_negative(negatives, n - 1):
@@ -599,12 +694,8 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
         new_acc_v[n] = acc_v[row] + new_acc_v[n] * row_scale
         bad += row_step(V[row], grad_v[n], new_acc_v[n], rate, reg32, clip32, optimizer, new_v[n])
         if item_bias != 0:
-            g = grad_bias[n] + reg32 * bias[row]
-            new_acc_bias[n] = acc_bias[row] + clip32 * clip32 * g * g
-            factor = np.float32(_step_factor(learning_rate, new_acc_bias[n], optimizer, clip))
-            new_bias[n] = bias[row] - factor * g
-            if not _bounded(new_bias[n]):
-                bad += 1
+            bad += bias_candidate(bias, acc_bias, grad_bias, new_bias, new_acc_bias, row, n, learning_rate, reg32,
+                                  clip, optimizer)
     if bad > 0:
         return False
 
@@ -615,11 +706,7 @@ def sgd_update(params, accumulators, items, length, positive, negatives, n_negat
             X[items[k], :] = new_x[k, :]
             if adagrad:
                 acc_x[items[k]] = new_acc_x[k]
-    U[:, :] = new_u_w[:size, :]
-    W[:, :] = new_u_w[size:, :]
-    if adagrad:
-        acc_u[:, :] = new_acc_u_w[:size, :]
-        acc_w[:, :] = new_acc_u_w[size:, :]
+    commit_recurrent(U, W, acc_u, acc_w, new_u_w, new_acc_u_w, adagrad)
     for n in range(n_negatives + 1):
         if n > 0 and is_repeat_negative(negatives, n - 1):
             continue

@@ -216,6 +216,13 @@ def _run(argv: list[str]) -> int:
     return args.run(load_settings(args, environ={}), args)
 
 
+def _table(out: str) -> tuple[list[str], list[list[str]]]:
+    """Return the header cells and the three system rows of the table that ``evaluate`` printed."""
+    lines = out.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("system"))
+    return lines[header].split(), [line.split() for line in lines[header + 1 : header + 4]]
+
+
 def _write_sessions(path, interactions) -> None:
     lines = ["SessionId\tItemId\tTime"] + [f"{i.user_id}\t{i.item_id}\t{i.ts}" for i in interactions]
     path.write_text("\n".join(lines) + "\n")
@@ -233,14 +240,12 @@ def test_evaluate_command_prints_table(sessions_file, capsys):
                    "--hidden-size", "8", "--window", "3"])
 
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    header = next(index for index, line in enumerate(lines) if line.startswith("system"))
-    rows = [line.split() for line in lines[header + 1 : header + 4]]
+    header, rows = _table(out)
     assert status == 0
     assert f"dataset: {sessions_file}" in out
     assert "events: 1,200" in out
     assert "hidden_size=8" in out
-    assert lines[header].split()[1:5] == ["HR@10", "MRR@10", "NDCG@10", "HR@20"]
+    assert header[1:5] == ["HR@10", "MRR@10", "NDCG@10", "HR@20"]
     assert [row[0] for row in rows] == list(SYSTEM_NAMES)
     assert all(len(row) == 10 for row in rows)
 
@@ -482,9 +487,7 @@ def test_evaluate_command_basket_mode_table(baskets_file, capsys):
                    "--hidden-size", "8", "--window", "3"])
 
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    header = next(index for index, line in enumerate(lines) if line.startswith("system"))
-    rows = [line.split() for line in lines[header + 1 : header + 4]]
+    _, rows = _table(out)
     assert status == 0
     assert "mode: basket" in out
     assert "basket_pooling=mean" in out

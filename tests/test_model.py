@@ -616,7 +616,7 @@ def test_in_evaluation_sample_zero_ranks_none():
 
 
 @pytest.mark.parametrize("every", [2, 10, 100])
-def test_in_evaluation_sample_rate_is_about_one_in_m(every):
+def test_in_evaluation_sample_rate(every):
     events = 200_000
     chosen = sum(kernels.in_evaluation_sample(offset % 4, offset, every) for offset in range(events))
     expected = events / every
